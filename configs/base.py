@@ -1,0 +1,95 @@
+"""Every default of an experiment, grouped by the module that reads it.
+
+Variant configs import `get_config` from here and edit a few fields, so that
+`--config.a.b=value` overrides and the "differs from base" log line stay short.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+
+  config.data = ml_collections.ConfigDict(dict(
+      dataset="cifar10",        # see ddpm_jax.input_pipeline.DATASETS
+      image_size=32,
+      num_channels=3,
+      random_flip=True,         # per-image horizontal flips (DDPM CIFAR-10 setting)
+      data_dir="",              # tfds data_dir; "" means tfds' default (~/tensorflow_datasets)
+      train_split="train",
+      eval_split="test",
+      num_workers=0,            # grain worker processes; 0 reads in the main process
+      prefetch_batches=2,
+  ))
+
+  config.model = ml_collections.ConfigDict(dict(
+      ch=128,
+      ch_mult=(1, 2, 2, 2),
+      num_res_blocks=2,
+      attn_resolutions=(16,),
+      dropout=0.1,
+      resamp_with_conv=True,
+      dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+  ))
+
+  config.diffusion = ml_collections.ConfigDict(dict(
+      schedule="linear",        # see ddpm_jax.schedules.SCHEDULES
+      num_timesteps=1000,
+      zero_terminal_snr=False,  # Lin et al. 2023 rescaling of any schedule
+      model_output="eps",       # eps | x0 | v
+      model_var="fixed_large",  # fixed_small | fixed_large | learned | learned_range
+      loss="mse",               # mse | kl | hybrid
+      hybrid_lambda=0.001,
+      weighting="none",         # none | p2 | min_snr
+      p2_k=1.0,
+      p2_gamma=1.0,
+      min_snr_gamma=5.0,
+      t_sampling="uniform",     # uniform | importance
+      clip_x0=True,
+  ))
+
+  config.training = ml_collections.ConfigDict(dict(
+      batch_size=128,           # global, over all processes and devices
+      num_train_steps=800_000,
+      seed=0,
+      ema_decay=0.9999,
+      log_every=100,
+      checkpoint_every=5_000,
+      keep_checkpoints=3,
+      sample_every=20_000,
+      num_grid_samples=64,
+      grid_sampler_steps=100,   # DDIM steps for the periodic sample grids
+      final_eval=False,         # run the cheap quality score at the end of training
+  ))
+
+  config.optim = ml_collections.ConfigDict(dict(
+      lr=2e-4,
+      warmup_steps=5_000,
+      grad_clip=1.0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+  ))
+
+  config.sampling = ml_collections.ConfigDict(dict(
+      sampler="ancestral",      # ancestral | ddim | dpm_solver_pp
+      num_steps=1000,           # model calls; ancestral always uses every step
+      eta=0.0,                  # DDIM noise
+      spacing="uniform",        # uniform | quadratic timestep respacing
+      num_samples=50_000,
+      batch_size=256,           # global
+      use_ema=True,
+      trajectory_every=100,     # record x_t and x0_hat every k sampler steps
+      seed=1,
+  ))
+
+  config.eval = ml_collections.ConfigDict(dict(
+      metrics=("bpd", "fid"),   # bpd | fid | digits_score
+      batch_size=256,           # global
+      bpd_num_examples=0,       # 0 = the whole eval split
+      fid_split="train",        # reference statistics over this whole split
+      inception_weights="",     # .npz of converted TF 2015-12-05 Inception weights
+      fid_stats_dir="",         # cache of reference statistics; "" = <workdir>/fid_stats
+  ))
+
+  return config

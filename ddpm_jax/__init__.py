@@ -1,0 +1,1 @@
+"""ddpm_jax: denoising diffusion probabilistic models in JAX/Flax."""

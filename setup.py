@@ -1,0 +1,36 @@
+"""ddpm_jax: denoising diffusion probabilistic models in JAX/Flax."""
+
+import setuptools
+
+setuptools.setup(
+    name="ddpm_jax",
+    version="0.1.0",
+    description="Denoising diffusion probabilistic models in JAX/Flax, from a laptop to TPU pods.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs", "experiments"]),
+    install_requires=[
+        "jax>=0.10.0,<0.11",
+        "flax>=0.12.0,<0.13",
+        "optax>=0.2.8,<0.3",
+        "orbax-checkpoint>=0.12.0,<0.13",
+        "tensorflow-datasets>=4.9.8,<4.10",
+        "grain>=0.2.12,<0.3",
+        "array-record>=0.8,<0.9",
+        "ml-collections>=1.1,<2",
+        "absl-py>=2.1",
+        "numpy>=2.0,<3",
+        "scipy>=1.13",
+        "scikit-learn>=1.5",
+        "tensorboardX>=2.6",
+        "matplotlib>=3.9",
+        "pillow>=10",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "chex>=0.1.90"],
+        # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
+        "prepare": ["tensorflow>=2.17"],
+    },
+)
