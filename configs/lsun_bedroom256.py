@@ -13,7 +13,8 @@ from configs import base
 
 def get_config():
   config = base.get_config()
-  config.data.update(dataset="lsun_bedroom", image_size=256, num_channels=3, random_flip=True)
+  config.data.update(dataset="lsun_bedroom", image_size=256, num_channels=3, random_flip=True,
+                     eval_split="validation")
   config.model.update(ch=128, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),
                       dropout=0.0)
   config.training.update(batch_size=64, num_train_steps=2_400_000)

@@ -34,7 +34,9 @@ def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
 def q_mean_variance(tables: DiffusionTables, x0, t):
   """q(x_t|x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (DDPM eq. 4). Returns (mean, var, log_var)."""
   mean = gather(tables.sqrt_abar, t, x0.ndim) * x0
-  var = gather(1.0 - tables.abar, t, x0.ndim)
+  # Squared from sqrt(1 - abar), itself made in float64: 1 - abar in the compute dtype cancels
+  # catastrophically at small t (abar_1 = 0.9999 is 1.0 in bfloat16, giving a variance of 0).
+  var = jnp.square(gather(tables.sqrt_one_minus_abar, t, x0.ndim))
   log_var = gather(tables.log_one_minus_abar, t, x0.ndim)
   return mean, jnp.broadcast_to(var, x0.shape), jnp.broadcast_to(log_var, x0.shape)
 

@@ -1,0 +1,106 @@
+"""The one place where experiment configs turn into objects.
+
+Every string choice in a config is checked here, before anything is compiled, and each
+factory below owns exactly one choice (schedule, loss, sampler). `train` and `evaluate` call
+these; the maths modules never see a ConfigDict.
+"""
+
+from collections.abc import Mapping
+import json
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm_jax import diffusion
+from ddpm_jax import input_pipeline
+from ddpm_jax import losses
+from ddpm_jax import sampling
+from ddpm_jax import schedules
+
+MODEL_DTYPES = ("float32", "bfloat16")
+
+
+def _check(name: str, value, valid) -> None:
+  if value not in valid:
+    raise ValueError(f"Unknown {name} {value!r}; valid choices: {sorted(valid)}.")
+
+
+def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = True) -> None:
+  """Fails fast, with the valid choices, on any config the run could not complete with."""
+  d = config.diffusion
+  _check("diffusion.schedule", d.schedule, schedules.SCHEDULES)
+  _check("diffusion.model_output", d.model_output, diffusion.MODEL_OUTPUTS)
+  _check("diffusion.model_var", d.model_var, diffusion.MODEL_VARS)
+  _check("diffusion.loss", d.loss, losses.LOSSES)
+  _check("diffusion.weighting", d.weighting, losses.WEIGHTINGS)
+  _check("diffusion.t_sampling", d.t_sampling, losses.T_SAMPLINGS)
+  _check("model.dtype", config.model.dtype, MODEL_DTYPES)
+  _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
+  _check("sampling.spacing", config.sampling.spacing, sampling.SPACINGS)
+  if d.num_timesteps < 2:
+    raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
+  if d.zero_terminal_snr and d.model_output == "eps":
+    raise ValueError("diffusion.zero_terminal_snr makes x0 unrecoverable from eps at t = T; use "
+                     "--config.diffusion.model_output=v (Lin et al. 2023) or x0.")
+  # Builds the loss once, which checks the combinations (e.g. mse with a learned variance).
+  loss_fn_from_config(config, tables_from_config(config))
+  n_dev = jax.device_count()
+  for key, batch in [("training.batch_size", config.training.batch_size),
+                     ("sampling.batch_size", config.sampling.batch_size),
+                     ("eval.batch_size", config.eval.batch_size)]:
+    if batch <= 0 or batch % n_dev:
+      raise ValueError(
+          f"{key}={batch} does not divide over the {n_dev} devices "
+          f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
+          f"pick a multiple of {n_dev}, e.g. --config.{key}={max(n_dev, batch // n_dev * n_dev)}.")
+  if check_data:
+    input_pipeline.validate_data_config(config)
+
+
+def tables_from_config(config: ml_collections.ConfigDict) -> schedules.DiffusionTables:
+  d = config.diffusion
+  betas = schedules.get_beta_schedule(d.schedule, d.num_timesteps, d.zero_terminal_snr)
+  return schedules.make_tables(betas, dtype=jnp.float32)
+
+
+def loss_fn_from_config(config, tables):
+  d = config.diffusion
+  return losses.get_loss_fn(
+      tables, loss=d.loss, model_output=d.model_output, model_var=d.model_var,
+      weighting=d.weighting, hybrid_lambda=d.hybrid_lambda, p2_k=d.p2_k, p2_gamma=d.p2_gamma,
+      min_snr_gamma=d.min_snr_gamma)
+
+
+def sampler_from_config(config, tables, *, sampler: str | None = None, num_steps: int | None = None,
+                        trajectory_every: int = 0):
+  """The sampler named in `config.sampling`, optionally overriding its name and step count."""
+  s, d = config.sampling, config.diffusion
+  name = sampler or s.sampler
+  # Ancestral sampling always takes all T steps; only DDIM has an eta.
+  extra = {} if name == "ancestral" else {"num_steps": num_steps or s.num_steps}
+  if name == "ddim":
+    extra["eta"] = s.eta
+  return sampling.get_sampler(name, tables, model_output=d.model_output, model_var=d.model_var,
+                              spacing=s.spacing, clip_x0=d.clip_x0,
+                              trajectory_every=trajectory_every, **extra)
+
+
+def _flatten(tree: Mapping, prefix: str = "") -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_diff(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> dict:
+  """{key: (base value, value)} for every leaf where `config` differs from `base`."""
+  new, old = _flatten(config.to_dict()), _flatten(base.to_dict())
+  return {k: (old.get(k), v) for k, v in sorted(new.items()) if old.get(k) != v}
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)

@@ -1,0 +1,177 @@
+"""`--mode=sample` and `--mode=eval`: samples, bits/dim, FID/IS and the offline digits score.
+
+Samplers run under `jax.jit` with the batch sharded over every device (the model input is
+constrained to the mesh's `data` axis, and XLA partitions the whole loop); the noise is drawn at
+the global shape, so a seed gives the same samples on 1 or N devices.
+"""
+
+import json
+import os
+
+from absl import logging
+import jax
+from jax.experimental import multihost_utils
+import ml_collections
+import numpy as np
+
+from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
+from ddpm_jax import images
+from ddpm_jax import input_pipeline
+from ddpm_jax import losses
+from ddpm_jax import models
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+
+EVAL_METRICS = ("bpd", "fid", "digits_score")
+
+
+def _to_host(x) -> np.ndarray:
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def make_sample_fn(config, model, tables, mesh, *, sampler=None, num_steps=None,
+                   trajectory_every=0):
+  """Returns `fn(params, rng, n) -> (uint8-ready float samples [n, H, W, C], trajectory)` on host."""
+  sample = config_lib.sampler_from_config(config, tables, sampler=sampler, num_steps=num_steps,
+                                          trajectory_every=trajectory_every)
+  sharding = train_step_lib.batch_sharding(mesh)
+  d = config.data
+  compiled = {}
+
+  def run(params, rng, shape):
+    def model_fn(x, t):
+      x = jax.lax.with_sharding_constraint(x, sharding)
+      return model.apply({"params": params}, x, t, train=False)
+    return sample(model_fn, rng, shape)
+
+  def fn(params, rng, n):
+    n_dev = jax.device_count()
+    padded = -(-n // n_dev) * n_dev
+    shape = (padded, d.image_size, d.image_size, d.num_channels)
+    if shape not in compiled:
+      compiled[shape] = jax.jit(lambda p, r: run(p, r, shape))
+    x0, traj = compiled[shape](params, rng)
+    traj = None if traj is None else {k: _to_host(v) for k, v in traj.items()}
+    return _to_host(x0)[:n], traj
+
+  return fn
+
+
+def _setup(config):
+  config_lib.validate_config(config, check_data=False)
+  mesh = train_step_lib.make_mesh()
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  return mesh, model, tables
+
+
+def _load_params(config, workdir, mesh, model):
+  target = train_state_lib.create_train_state(config, model, mesh)
+  params, step = checkpointing.restore_params(workdir, target, use_ema=config.sampling.use_ema)
+  logging.info("Loaded %s params of step %d from %s.", "EMA" if config.sampling.use_ema else "raw",
+               step, workdir)
+  return params, step
+
+
+def draw_samples(config, sample_fn, params, num_samples: int, *, with_trajectory=False):
+  """`num_samples` samples in global batches of `sampling.batch_size`, one rng per batch."""
+  rng = jax.random.PRNGKey(config.sampling.seed)
+  out, traj = [], None
+  for i in range(-(-num_samples // config.sampling.batch_size)):
+    n = min(config.sampling.batch_size, num_samples - i * config.sampling.batch_size)
+    x0, t = sample_fn(params, jax.random.fold_in(rng, i), n)
+    out.append(images.to_uint8(x0))
+    traj = t if traj is None else traj
+  return np.concatenate(out), traj
+
+
+def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Writes `samples/<sampler>_<steps>.npz` (uint8), a PNG grid and a trajectory figure."""
+  mesh, model, tables = _setup(config)
+  params, step = _load_params(config, workdir, mesh, model)
+  s = config.sampling
+  sample_fn = make_sample_fn(config, model, tables, mesh,
+                             trajectory_every=s.trajectory_every)
+  samples, traj = draw_samples(config, sample_fn, params, s.num_samples, with_trajectory=True)
+  name = f"{s.sampler}_{s.num_steps if s.sampler != 'ancestral' else config.diffusion.num_timesteps}"
+  out_dir = os.path.join(workdir, "samples")
+  path = os.path.join(out_dir, f"{name}_step{step}.npz")
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    np.savez_compressed(path, samples=samples)
+    scale = max(1, 256 // config.data.image_size)
+    images.save_png(os.path.join(out_dir, f"{name}_step{step}.png"),
+                    images.make_grid(samples[:100]), scale=scale)
+    if traj is not None:
+      images.save_trajectory_figure(os.path.join(out_dir, f"{name}_step{step}_trajectory.png"), traj)
+  logging.info("Wrote %d samples to %s.", len(samples), path)
+  return path
+
+
+def bits_per_dim(config, model, tables, mesh, params) -> dict:
+  """The full VLB (all T terms) on the eval split, with its components, in bits/dim."""
+  d = config.diffusion
+  sharding = train_step_lib.batch_sharding(mesh)
+
+  @jax.jit
+  def batch_vlb(params, x0, rng):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+    return losses.vlb_bpd(model_fn, tables, x0, rng, model_output=d.model_output,
+                          model_var=d.model_var, clip_x0=d.clip_x0)
+
+  totals, count = {}, 0
+  limit = config.eval.bpd_num_examples or float("inf")
+  rng = jax.random.PRNGKey(config.training.seed + 1)
+  for i, batch in enumerate(input_pipeline.create_eval_iterator(config)):
+    x0 = jax.make_array_from_process_local_data(sharding, batch["image"])
+    mask = _to_host(jax.make_array_from_process_local_data(sharding, batch["mask"]))
+    terms = {k: _to_host(v) for k, v in batch_vlb(params, x0, jax.random.fold_in(rng, i)).items()}
+    for k, v in terms.items():
+      totals[k] = totals.get(k, 0.0) + float(np.sum(v[mask]))
+    count += int(mask.sum())
+    if count >= limit:
+      break
+  return {f"bpd_{k}": v / count for k, v in totals.items()} | {"bpd_num_examples": count}
+
+
+def quality_report(config, workdir, params, mesh, model, tables, step) -> dict:
+  """Every metric in `config.eval.metrics`; printed, and written to `eval/step_<step>.json`."""
+  for name in config.eval.metrics:
+    config_lib._check("eval.metrics entry", name, EVAL_METRICS)  # pylint: disable=protected-access
+  report = {"step": step}
+  needs_samples = {"fid", "digits_score"} & set(config.eval.metrics)
+  if needs_samples:
+    sample_fn = make_sample_fn(config, model, tables, mesh)
+    samples, _ = draw_samples(config, sample_fn, params, config.sampling.num_samples)
+    report["num_samples"] = len(samples)
+    report["sampler"] = f"{config.sampling.sampler}/{config.sampling.num_steps}"
+  if "digits_score" in config.eval.metrics:
+    from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
+    score = digits_classifier.digits_score(samples, cache_dir=_cache_dir())
+    report.update({f"digits_{k}": v for k, v in score.items()})
+  if "fid" in config.eval.metrics:
+    from ddpm_jax.metrics import fid_eval  # pylint: disable=g-import-not-at-top
+    report.update(fid_eval.fid_and_is(config, workdir, samples))
+  if "bpd" in config.eval.metrics:
+    report.update(bits_per_dim(config, model, tables, mesh, params))
+  logging.info("Evaluation at step %d:\n%s", step, json.dumps(report, indent=2, default=str))
+  if jax.process_index() == 0:
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w", encoding="utf-8") as f:
+      json.dump(report, f, indent=2, default=str)
+  return report
+
+
+def _cache_dir() -> str:
+  return os.environ.get("DDPM_JAX_CACHE", os.path.expanduser("~/.cache/ddpm_jax"))
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode=eval`: loads the newest checkpoint and runs `quality_report` on it."""
+  mesh, model, tables = _setup(config)
+  if "bpd" in config.eval.metrics:
+    input_pipeline.validate_data_config(config)
+  params, step = _load_params(config, workdir, mesh, model)
+  return quality_report(config, workdir, params, mesh, model, tables, step)

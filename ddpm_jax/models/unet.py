@@ -1,0 +1,188 @@
+"""The DDPM U-Net (Ho et al. 2020, appendix B) and the factory that builds it from a config.
+
+The module takes typed fields only; `create_model` is the one place that reads the
+experiment ConfigDict and maps its names (dtype, model_var) onto those fields.
+"""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from ddpm_jax.models import layers
+
+# Compute dtypes that config.model.dtype may name. Params are float32 in every case.
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Variance parameterisations whose network also outputs a variance, so twice the channels.
+LEARNED_VARIANCES = ("learned", "learned_range")
+
+
+class UNet(nn.Module):
+  """DDPM's noise-prediction U-Net on NHWC images.
+
+  Layout (L = len(ch_mult), level i has ch * ch_mult[i] channels and spatial
+  size H / 2^i):
+    temb = Dense(4ch)(swish(Dense(4ch)(sinusoidal(t, ch))))
+    down: conv3x3 to ch; at each level num_res_blocks ResnetBlocks (each followed
+      by attention when the current height is in attn_resolutions), then a
+      Downsample except at the last level. Every block output (and the stem)
+      is pushed on a skip stack.
+    middle: ResnetBlock, AttnBlock, ResnetBlock.
+    up: levels in reverse, each with num_res_blocks + 1 ResnetBlocks that take
+      concat(h, skip.pop()) (plus attention as above), then an Upsample except
+      at level 0.
+    out: GroupNorm, swish, conv3x3 (initialised to about zero) to out_channels.
+
+  Attributes:
+    ch: Base channel count; also the size of the sinusoidal timestep embedding.
+    ch_mult: Channel multiplier per resolution level.
+    num_res_blocks: ResnetBlocks per level on the way down (+1 on the way up).
+    attn_resolutions: Spatial sizes (heights) at which self-attention is applied.
+    dropout: Dropout rate inside ResnetBlocks, used only when train=True.
+    resamp_with_conv: Strided-conv downsampling and conv after upsampling, rather
+      than avg-pool and plain nearest-neighbour repeat.
+    out_channels: Output channels (2x the image channels for a learned variance).
+    num_groups: GroupNorm groups; 32 as in DDPM. Tiny test models use fewer
+      because every channel count (including skip concatenations) must divide.
+    dtype: Compute dtype. Params, GroupNorm, softmax and the output stay float32.
+  """
+
+  ch: int
+  ch_mult: tuple[int, ...]
+  num_res_blocks: int
+  attn_resolutions: tuple[int, ...]
+  dropout: float
+  resamp_with_conv: bool
+  out_channels: int
+  num_groups: int = 32
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, t: jax.Array, train: bool) -> jax.Array:
+    """Predicts the model output (e.g. eps) for noisy images at timesteps t.
+
+    Args:
+      x: Noisy images, [B, H, W, C]; H and W divisible by 2^(len(ch_mult) - 1).
+      t: Integer timesteps, [B] (a scalar is broadcast over the batch).
+      train: Enables dropout, which then needs the 'dropout' rng collection.
+
+    Returns:
+      float32 array of shape [B, H, W, out_channels].
+    """
+    num_levels = len(self.ch_mult)
+    factor = 2 ** (num_levels - 1)
+    if x.ndim != 4 or x.shape[1] % factor or x.shape[2] % factor:
+      raise ValueError(f"expected NHWC input with H, W divisible by {factor}, got {x.shape}")
+    t = jnp.broadcast_to(t, (x.shape[0],))
+
+    res_block = functools.partial(layers.ResnetBlock, dropout=self.dropout,
+                                  num_groups=self.num_groups, dtype=self.dtype)
+    attn_block = functools.partial(layers.AttnBlock, num_groups=self.num_groups, dtype=self.dtype)
+    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
+                              kernel_init=layers.default_init)
+
+    temb = layers.timestep_embedding(t, self.ch)
+    temb = dense(4 * self.ch, name="temb_dense0")(temb)
+    temb = dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
+
+    # Downsampling path: every intermediate activation becomes a skip connection.
+    hs = [nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
+                  kernel_init=layers.default_init, name="conv_in")(x)]
+    for level, mult in enumerate(self.ch_mult):
+      for i in range(self.num_res_blocks):
+        h = res_block(self.ch * mult, name=f"down_{level}_res_{i}")(hs[-1], temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(name=f"down_{level}_attn_{i}")(h)
+        hs.append(h)
+      if level != num_levels - 1:
+        hs.append(layers.Downsample(self.resamp_with_conv, self.dtype,
+                                    name=f"down_{level}_downsample")(hs[-1]))
+
+    h = hs[-1]
+    mid_ch = h.shape[-1]
+    h = res_block(mid_ch, name="mid_res_0")(h, temb, train)
+    h = attn_block(name="mid_attn")(h)
+    h = res_block(mid_ch, name="mid_res_1")(h, temb, train)
+
+    # Upsampling path: one extra block per level so that every skip is consumed.
+    for level in reversed(range(num_levels)):
+      for i in range(self.num_res_blocks + 1):
+        h = jnp.concatenate([h, hs.pop()], axis=-1)
+        h = res_block(self.ch * self.ch_mult[level], name=f"up_{level}_res_{i}")(h, temb, train)
+        if h.shape[1] in self.attn_resolutions:
+          h = attn_block(name=f"up_{level}_attn_{i}")(h)
+      if level != 0:
+        h = layers.Upsample(self.resamp_with_conv, self.dtype, name=f"up_{level}_upsample")(h)
+    assert not hs, "every skip connection must be consumed"
+
+    # The head runs in float32: it is cheap (few output channels) and its error would
+    # go straight into the predicted noise.
+    h = nn.swish(layers.GroupNorm32(self.num_groups, jnp.float32, name="norm_out")(h))
+    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", dtype=jnp.float32,
+                param_dtype=jnp.float32, kernel_init=layers.near_zero_init, name="conv_out")(h)
+    return h.astype(jnp.float32)
+
+
+# A few-thousand-parameter U-Net for tests; 8 groups divide all of its channel counts
+# (16, 32 and the concatenations 32, 48, 64). Pass out_channels when building it.
+TinyUNet = functools.partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
+                             dropout=0.0, resamp_with_conv=True, num_groups=8)
+
+
+def create_model(config: ml_collections.ConfigDict) -> UNet:
+  """Builds the U-Net described by a full experiment config.
+
+  Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
+  resamp_with_conv, dtype}, config.data.num_channels and config.diffusion.model_var
+  (a learned variance doubles the output channels).
+
+  Args:
+    config: Experiment ConfigDict (see configs/base.py).
+
+  Returns:
+    An unbound UNet.
+
+  Raises:
+    ValueError: If config.model.dtype is not a key of DTYPES.
+  """
+  m = config.model
+  if m.dtype not in DTYPES:
+    raise ValueError(f"unknown model dtype {m.dtype!r}; valid names: {sorted(DTYPES)}")
+  num_channels = config.data.num_channels
+  learned_var = config.diffusion.model_var in LEARNED_VARIANCES
+  return UNet(
+      ch=m.ch,
+      ch_mult=tuple(m.ch_mult),
+      num_res_blocks=m.num_res_blocks,
+      attn_resolutions=tuple(m.attn_resolutions),
+      dropout=m.dropout,
+      resamp_with_conv=m.resamp_with_conv,
+      out_channels=2 * num_channels if learned_var else num_channels,
+      dtype=DTYPES[m.dtype],
+  )
+
+
+def param_shapes(module: nn.Module, image_size: int, channels: int) -> Any:
+  """Shapes of the module's params (a pytree of ShapeDtypeStruct), without allocating them.
+
+  Args:
+    module: An unbound UNet.
+    image_size: Height and width of the input images.
+    channels: Channels of the input images.
+
+  Returns:
+    The 'params' collection as jax.ShapeDtypeStruct leaves.
+  """
+  def init():
+    return module.init({"params": jax.random.key(0), "dropout": jax.random.key(1)},
+                       jnp.zeros((1, image_size, image_size, channels), jnp.float32),
+                       jnp.zeros((1,), jnp.int32), train=False)
+  return jax.eval_shape(init)["params"]
+
+
+def param_count(module: nn.Module, image_size: int, channels: int) -> int:
+  """Number of parameters of the module, by tracing only (no compile, no allocation)."""
+  return sum(leaf.size for leaf in jax.tree.leaves(param_shapes(module, image_size, channels)))

@@ -1,0 +1,78 @@
+"""The train state pytree, its optimiser, and how it is created already replicated on a mesh."""
+
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
+import optax
+
+from ddpm_jax import losses
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a resumed run needs besides the data iterator.
+
+  `rng` is a raw uint32 key (not a typed key) so that Orbax stores it like any array.
+  `importance` holds the per-t loss history when timesteps are importance-sampled, else None.
+  """
+
+  step: jnp.ndarray
+  params: Any
+  ema_params: Any
+  opt_state: Any
+  rng: jnp.ndarray
+  importance: losses.ImportanceState | None
+  tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+
+  def apply_gradients(self, grads, ema_decay: float) -> "TrainState":
+    updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
+    params = optax.apply_updates(self.params, updates)
+    # EMA inside the step, so it is donated and sharded like the params.
+    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, self.ema_params, params)
+    return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant (DDPM)."""
+  return optax.linear_schedule(0.0, optim.lr, max(int(optim.warmup_steps), 1))
+
+
+def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
+  """Adam with global-norm clipping; the optax chain owns the learning-rate schedule."""
+  parts = []
+  if optim.grad_clip > 0:
+    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+  parts.append(optax.adam(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps))
+  return optax.chain(*parts)
+
+
+def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):
+  d = config.data
+  return (jnp.zeros((batch, d.image_size, d.image_size, d.num_channels), jnp.float32),
+          jnp.zeros((batch,), jnp.int32))
+
+
+def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> TrainState:
+  """Initialises the state inside jit, so every array is created already replicated on `mesh`."""
+  tx = make_optimizer(config.optim)
+  num_timesteps = config.diffusion.num_timesteps
+  use_importance = config.diffusion.t_sampling == "importance"
+
+  def init(rng):
+    rng, init_rng, dropout_rng = jax.random.split(rng, 3)
+    x, t = dummy_inputs(config)
+    params = model.init({"params": init_rng, "dropout": dropout_rng}, x, t, train=False)["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params,
+        ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=rng,
+        importance=losses.init_importance_state(num_timesteps) if use_importance else None, tx=tx)
+
+  replicated = NamedSharding(mesh, P())
+  return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.training.seed))
+
+
+def param_count(params) -> int:
+  return sum(x.size for x in jax.tree.leaves(params))

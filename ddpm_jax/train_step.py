@@ -1,0 +1,106 @@
+"""The data-parallel train step: pmap-style per-device code run by `jax.shard_map` under `jax.jit`.
+
+Params, EMA, optimiser state and RNG are replicated; the batch is split over the mesh's `data`
+axis, which spans every device of every host. Gradients and metrics are `lax.pmean`-ed over it.
+
+Randomness is drawn per *example*, from `fold_in(fold_in(rng, step), global_example_index)`, so each
+device gets its own keys and yet the timesteps and noise of an example do not depend on how many
+devices share the batch: 1 and N devices train the same model (up to float summation order).
+Dropout masks are the exception: Flax draws them per device, from `fold_in(dropout_rng, device)`.
+"""
+
+from collections.abc import Callable
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import optax
+
+from ddpm_jax import losses
+from ddpm_jax.train_state import TrainState
+
+AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over every device of every host (or the given ones)."""
+  devices = jax.devices() if devices is None else list(devices)
+  # Auto axes: the step places data itself through shard_map, and the samplers leave the
+  # partitioning of their loops to XLA, which Explicit axes would not allow.
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def global_batch(mesh: Mesh, local_batch: dict) -> dict:
+  """Assembles each process's slice of the batch into one global array sharded over `data`."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int,
+                    t_sampling: str, ema_decay: float, learning_rate: optax.Schedule,
+                    mesh: Mesh) -> Callable:
+  """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
+
+  `batch` holds 'image' [B, H, W, C] and 'preempt' [num_devices] bool, both sharded over `data`.
+
+  Args:
+    apply_fn: the Flax module's `apply`.
+    loss_fn: `loss_fn(model_fn, x0, t, noise) -> (per_example_loss, aux)` from `losses`.
+    num_timesteps: T.
+    t_sampling: 'uniform' or 'importance' (the state then carries an `ImportanceState`).
+    ema_decay: decay of the EMA of the params, updated every step.
+    learning_rate: the optimiser's schedule, only read for logging.
+    mesh: the 1-D device mesh with axis `data`.
+  """
+
+  def per_device_step(state: TrainState, batch: dict):
+    x0 = batch["image"]
+    local_batch = x0.shape[0]
+    example_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+    device = lax.axis_index(AXIS)
+    example_ids = device * local_batch + jnp.arange(local_batch)
+    keys = jax.vmap(jax.random.fold_in, (None, 0))(example_rng, example_ids)
+    t_keys, noise_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 1, 0)
+
+    t, weights = jax.vmap(
+        lambda k: losses.sample_timesteps(k, 1, num_timesteps, t_sampling, state.importance)
+    )(t_keys)
+    t, weights = t[:, 0], weights[:, 0]
+    noise = jax.vmap(lambda k, x: jax.random.normal(k, x.shape, x.dtype))(noise_keys, x0)
+    dropout_rng = jax.random.fold_in(dropout_rng, device)
+
+    def objective(params):
+      def model_fn(x_t, t_):
+        return apply_fn({"params": params}, x_t, t_, train=True, rngs={"dropout": dropout_rng})
+      per_example, aux = loss_fn(model_fn, x0, t, noise)
+      return jnp.mean(weights * per_example), (per_example, aux)
+
+    (loss, (per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    new_state = state.apply_gradients(grads, ema_decay)
+    if state.importance is not None:
+      # Every replica sees every (t, loss) pair, so the histories stay identical.
+      all_t = lax.all_gather(t, AXIS, tiled=True)
+      all_losses = lax.all_gather(lax.stop_gradient(per_example), AXIS, tiled=True)
+      new_state = new_state.replace(
+          importance=losses.update_importance_state(state.importance, all_t, all_losses))
+    metrics = {
+        "loss": loss,
+        "grad_norm": optax.global_norm(grads),
+        "lr": learning_rate(state.step),
+        **{k: jnp.mean(v) for k, v in aux.items()},
+    }
+    metrics = lax.pmean(metrics, AXIS)
+    # A SIGTERM seen by any host stops every host at the same step (see train.py).
+    metrics["preempt"] = lax.pmax(jnp.any(batch["preempt"]).astype(jnp.int32), AXIS)
+    return new_state, metrics
+
+  sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                          out_specs=(P(), P()), check_vma=False)
+  return jax.jit(sharded, donate_argnums=0)
