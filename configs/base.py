@@ -59,7 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
       sample_every=20_000,
       num_grid_samples=64,
       grid_sampler_steps=100,   # DDIM steps for the periodic sample grids
-      final_eval=False,         # run the cheap quality score at the end of training
+      final_eval_metrics=(),    # eval.metrics entries to run once training ends
   ))
 
   config.optim = ml_collections.ConfigDict(dict(

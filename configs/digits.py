@@ -13,10 +13,11 @@ def get_config():
   config.data.update(dataset="digits", image_size=8, num_channels=1, random_flip=False,
                      eval_split="test")
   config.model.update(ch=32, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), dropout=0.0)
-  config.training.update(batch_size=128, num_train_steps=3_000, ema_decay=0.995, log_every=100,
-                         checkpoint_every=1_000, sample_every=1_000, final_eval=True)
+  config.training.update(batch_size=64, num_train_steps=2_500, ema_decay=0.995, log_every=100,
+                         checkpoint_every=500, sample_every=500,
+                         final_eval_metrics=("digits_score",))
   config.optim.update(lr=1e-3, warmup_steps=200)
-  config.sampling.update(sampler="ddim", num_steps=100, num_samples=1_000, batch_size=500,
-                         trajectory_every=10)
-  config.eval.update(metrics=("bpd", "digits_score"), batch_size=500, fid_split="train")
+  config.sampling.update(sampler="ddim", num_steps=50, num_samples=500, batch_size=500,
+                         trajectory_every=5)
+  config.eval.update(metrics=("digits_score", "bpd"), batch_size=360, fid_split="train")
   return config

@@ -19,6 +19,7 @@ from ddpm_jax import sampling
 from ddpm_jax import schedules
 
 MODEL_DTYPES = ("float32", "bfloat16")
+EVAL_METRICS = ("bpd", "fid", "digits_score")
 
 
 def _check(name: str, value, valid) -> None:
@@ -38,6 +39,8 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _check("model.dtype", config.model.dtype, MODEL_DTYPES)
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
   _check("sampling.spacing", config.sampling.spacing, sampling.SPACINGS)
+  for name in (*config.eval.metrics, *config.training.final_eval_metrics):
+    _check("eval metric", name, EVAL_METRICS)
   if d.num_timesteps < 2:
     raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
   if d.zero_terminal_snr and d.model_output == "eps":

@@ -129,9 +129,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.wait_until_finished()
   manager.close()
   report = {"step": step, "preempted": preempted, **last}
-  if tc.final_eval and step == tc.num_train_steps:
+  if tc.final_eval_metrics and step == tc.num_train_steps:
     report["eval"] = evaluate.quality_report(config, workdir, state.ema_params, mesh, model,
-                                             tables, step)
+                                             tables, step, metrics=tc.final_eval_metrics)
   writer.close()
   return report
 

@@ -1,0 +1,105 @@
+"""Train-step throughput of any config: images/s, achieved GFLOP/s, compile time, peak memory.
+
+  python benchmarks/train_throughput.py --config=configs/cifar10.py --batch=8 --steps=5
+  python benchmarks/train_throughput.py --config=configs/digits.py --batch=128 --steps=50
+
+FLOPs come from XLA's cost analysis of the compiled step. They are compared with this machine's
+measured float32 matmul rate (a 2048^3 jnp.dot), so the fraction says how close the step gets to
+the best dense-matmul throughput XLA reaches here. Peak memory is the process's max RSS on CPU
+(it includes the Python runtime), and the device allocator's peak on accelerators.
+"""
+
+import resource
+import sys
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from ddpm_jax import config_lib
+from ddpm_jax import models
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
+_BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
+
+
+def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  start = time.perf_counter()
+  for _ in range(reps):
+    out = f(a)
+  out.block_until_ready()
+  return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
+
+
+def peak_memory_gib() -> float:
+  stats = jax.devices()[0].memory_stats() or {}
+  if "peak_bytes_in_use" in stats:
+    return stats["peak_bytes_in_use"] / 2**30
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main(_):
+  config = _CONFIG.value
+  with config.unlocked():
+    config.training.batch_size = _BATCH.value
+  config_lib.validate_config(config, check_data=False)
+  mesh = train_step_lib.make_mesh()
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  state = train_state_lib.create_train_state(config, model, mesh)
+  step_fn = train_step_lib.make_train_step(
+      apply_fn=model.apply, loss_fn=config_lib.loss_fn_from_config(config, tables),
+      num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
+      ema_decay=config.training.ema_decay,
+      learning_rate=train_state_lib.learning_rate_schedule(config.optim), mesh=mesh)
+  d = config.data
+  rng = np.random.default_rng(0)
+  local = {"image": rng.uniform(-1, 1, (_BATCH.value // jax.process_count(), d.image_size,
+                                        d.image_size, d.num_channels)).astype(np.float32),
+           "preempt": np.zeros((jax.local_device_count(),), np.bool_)}
+  batch = train_step_lib.global_batch(mesh, local)
+
+  start = time.perf_counter()
+  compiled = step_fn.lower(state, batch).compile()
+  compile_s = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  flops_per_step = float(cost.get("flops", float("nan")))
+
+  state, metrics = compiled(state, batch)  # warm-up
+  jax.block_until_ready(metrics)
+  start = time.perf_counter()
+  for _ in range(_STEPS.value):
+    state, metrics = compiled(state, batch)
+  jax.block_until_ready(metrics)
+  seconds = (time.perf_counter() - start) / _STEPS.value
+
+  achieved = flops_per_step / seconds / 1e9
+  peak = matmul_gflops()
+  params = train_state_lib.param_count(state.params)
+  print(f"config            {sys.argv[1] if len(sys.argv) > 1 else ''}")
+  print(f"devices           {jax.device_count()} x {jax.devices()[0].device_kind}")
+  print(f"params            {params:,}")
+  print(f"global batch      {_BATCH.value}")
+  print(f"step time         {seconds * 1e3:.1f} ms")
+  print(f"images/s          {_BATCH.value / seconds:.1f}")
+  print(f"GFLOP/step        {flops_per_step / 1e9:.2f} (XLA cost analysis)")
+  print(f"achieved GFLOP/s  {achieved:.1f}")
+  print(f"matmul GFLOP/s    {peak:.1f} (measured 2048^3 float32 jnp.dot)")
+  print(f"fraction of peak  {achieved / peak:.1%}")
+  print(f"compile time      {compile_s:.1f} s")
+  print(f"peak memory       {peak_memory_gib():.2f} GiB")
+
+
+if __name__ == "__main__":
+  app.run(main)
