@@ -98,7 +98,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   if jax.process_index() == 0:
     os.makedirs(out_dir, exist_ok=True)
     np.savez_compressed(path, samples=samples)
-    scale = max(1, 256 // config.data.image_size)
+    scale = max(1, 128 // config.data.image_size)
     images.save_png(os.path.join(out_dir, f"{name}_step{step}.png"),
                     images.make_grid(samples[:100]), scale=scale)
     if traj is not None:
@@ -152,7 +152,7 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
     score = digits_classifier.digits_score(samples, cache_dir=_cache_dir())
     report.update({f"digits_{k}": v for k, v in score.items()})
   if "fid" in metrics:
-    from ddpm_jax.metrics import fid_eval  # pylint: disable=g-import-not-at-top
+    from ddpm_jax import fid_eval  # pylint: disable=g-import-not-at-top
     report.update(fid_eval.fid_and_is(config, workdir, samples))
   if "bpd" in metrics:
     report.update(bits_per_dim(config, model, tables, mesh, params))
@@ -172,6 +172,10 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=eval`: loads the newest checkpoint and runs `quality_report` on it."""
   mesh, model, tables = _setup(config)
   if "bpd" in config.eval.metrics:
+    input_pipeline.validate_data_config(config)
+  if "fid" in config.eval.metrics:
+    from ddpm_jax import fid_eval  # pylint: disable=g-import-not-at-top
+    fid_eval.check_inception_weights(config)
     input_pipeline.validate_data_config(config)
   params, step = _load_params(config, workdir, mesh, model)
   return quality_report(config, workdir, params, mesh, model, tables, step)

@@ -141,6 +141,6 @@ def _write_grid(config, workdir, writer, sampler, state, step) -> None:
   samples, _ = sampler(state.ema_params, jax.random.PRNGKey(config.sampling.seed), n)
   grid = images.make_grid(images.to_uint8(samples))
   if jax.process_index() == 0:
-    scale = max(1, 256 // config.data.image_size)
+    scale = max(1, 128 // config.data.image_size)
     images.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid, scale=scale)
     writer.write_image(step, "samples_ema", grid)

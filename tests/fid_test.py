@@ -1,0 +1,174 @@
+"""Tests for ddpm_jax.metrics.fid: Fréchet distance, feature stats, IS."""
+
+import numpy as np
+import pytest
+
+from ddpm_jax.metrics import fid
+
+
+def _reference_fd(x1, x2):
+  """Independent FD via eigenvalues: Tr sqrt(S1 S2) = sum_i sqrt(lambda_i).
+
+  S1 S2 is similar to S1^{1/2} S2 S1^{1/2} (PSD), so its eigenvalues are real
+  and non-negative; np.linalg.eigvals returns them with round-off imaginary
+  parts, which are dropped.
+  """
+  mu1, mu2 = x1.mean(0), x2.mean(0)
+  s1, s2 = np.cov(x1, rowvar=False), np.cov(x2, rowvar=False)
+  lam = np.linalg.eigvals(s1 @ s2).real
+  tr_sqrt = np.sqrt(np.clip(lam, 0.0, None)).sum()
+  return np.sum((mu1 - mu2)**2) + np.trace(s1) + np.trace(s2) - 2 * tr_sqrt
+
+
+def _correlated(rng, n, d, scale=1.0, shift=0.0):
+  mix = rng.normal(size=(d, d)) / np.sqrt(d)
+  return scale * rng.normal(size=(n, d)) @ mix + shift
+
+
+def test_fid_of_set_with_itself_is_zero():
+  rng = np.random.default_rng(0)
+  x = _correlated(rng, 500, 32, scale=3.0, shift=5.0)
+  stats = fid.FeatureStats.from_features(x)
+  value = fid.frechet_distance_from_stats(stats, stats)
+  assert abs(value) < 1e-6 * np.trace(stats.sigma)
+
+
+def test_fid_matches_eigenvalue_reference():
+  rng = np.random.default_rng(1)
+  x1 = _correlated(rng, 400, 24)
+  x2 = _correlated(rng, 300, 24, scale=1.5, shift=0.3)
+  s1 = fid.FeatureStats.from_features(x1)
+  s2 = fid.FeatureStats.from_features(x2)
+  np.testing.assert_allclose(s1.mu, x1.mean(0), rtol=0, atol=1e-12)
+  np.testing.assert_allclose(s1.sigma, np.cov(x1, rowvar=False), atol=1e-12)
+  value = fid.frechet_distance(s1.mu, s1.sigma, s2.mu, s2.sigma)
+  np.testing.assert_allclose(value, _reference_fd(x1, x2), rtol=1e-8)
+  # Symmetric in its arguments.
+  np.testing.assert_allclose(
+      fid.frechet_distance_from_stats(s2, s1), value, rtol=1e-8)
+
+
+def test_streaming_stats_equal_one_shot():
+  rng = np.random.default_rng(2)
+  # A large common offset is where a naive sum-of-squares loses digits.
+  x = _correlated(rng, 1001, 16, shift=100.0).astype(np.float32)
+  one_shot = fid.FeatureStats.from_features(x)
+  acc = fid.FeatureStatsAccumulator()
+  for batch in np.array_split(x, [7, 7, 300, 650]):  # Uneven, one empty.
+    acc.update(batch)
+  streamed = acc.result()
+  assert streamed.n == one_shot.n == 1001
+  np.testing.assert_allclose(streamed.mu, one_shot.mu, rtol=1e-12)
+  np.testing.assert_allclose(streamed.sigma, one_shot.sigma, atol=1e-10)
+  np.testing.assert_allclose(
+      one_shot.sigma, np.cov(x.astype(np.float64), rowvar=False), atol=1e-9)
+
+
+def test_fid_of_shifted_gaussians_approaches_closed_form():
+  # For N(0, I) vs N(m, I) the exact FD is ||m||^2; finite-n covariance
+  # noise adds a positive bias of order d^2 / n.
+  rng = np.random.default_rng(3)
+  d, n = 8, 200_000
+  m = rng.normal(size=d)
+  x1 = rng.normal(size=(n, d))
+  x2 = rng.normal(size=(n, d)) + m
+  value = fid.frechet_distance_from_stats(
+      fid.FeatureStats.from_features(x1), fid.FeatureStats.from_features(x2))
+  np.testing.assert_allclose(value, np.sum(m**2), atol=5e-3 * np.sum(m**2))
+
+
+def test_singular_covariance_stays_finite():
+  # Fewer samples than dims: rank-deficient covariances, as with small evals.
+  rng = np.random.default_rng(4)
+  x1 = rng.normal(size=(10, 32))
+  x2 = rng.normal(size=(10, 32))
+  s1 = fid.FeatureStats.from_features(x1)
+  s2 = fid.FeatureStats.from_features(x2)
+  value = fid.frechet_distance_from_stats(s1, s2)
+  assert np.isfinite(value)
+  np.testing.assert_allclose(value, _reference_fd(x1, x2), rtol=1e-3)
+
+
+def test_non_finite_sqrtm_falls_back_to_offset(monkeypatch):
+  calls = []
+  real_sqrtm = fid._sqrtm
+
+  def flaky_sqrtm(a):
+    calls.append(a)
+    return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
+
+  monkeypatch.setattr(fid, '_sqrtm', flaky_sqrtm)
+  sigma = np.diag([1.0, 4.0])
+  with pytest.warns(RuntimeWarning, match='not finite'):
+    value = fid.frechet_distance(np.zeros(2), sigma, np.ones(2), sigma,
+                                 eps=1e-6)
+  assert len(calls) == 2
+  # The retry squares (S + eps I); the offset moves the result by ~eps only.
+  np.testing.assert_array_equal(calls[1], (sigma + 1e-6 * np.eye(2))**2)
+  np.testing.assert_allclose(value, 2.0, atol=1e-5)
+
+
+def test_large_imaginary_part_raises(monkeypatch):
+  monkeypatch.setattr(fid, '_sqrtm', lambda a: a + 0.5j * np.eye(len(a)))
+  with pytest.raises(ValueError, match='imaginary'):
+    fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
+
+
+def test_shape_mismatch_raises():
+  with pytest.raises(ValueError, match='shape'):
+    fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_stats_npz_round_trip(tmp_path):
+  rng = np.random.default_rng(5)
+  stats = fid.FeatureStats.from_features(rng.normal(size=(50, 6)))
+  path = tmp_path / 'stats.npz'
+  stats.save(path)
+  loaded = fid.FeatureStats.load(path)
+  assert loaded.n == 50
+  np.testing.assert_array_equal(loaded.mu, stats.mu)
+  np.testing.assert_array_equal(loaded.sigma, stats.sigma)
+  # pytorch-fid / TTUR files carry only mu and sigma.
+  np.savez(tmp_path / 'ttur.npz', mu=stats.mu, sigma=stats.sigma)
+  assert fid.FeatureStats.load(tmp_path / 'ttur.npz').n == 0
+
+
+@pytest.mark.parametrize('num_classes', [2, 10, 1008])
+def test_inception_score_of_uniform_one_hot_is_num_classes(num_classes):
+  labels = np.arange(num_classes * 10) % num_classes
+  probs = np.eye(num_classes)[labels]
+  mean, std = fid.inception_score(probs, num_splits=10)
+  np.testing.assert_allclose(mean, num_classes, rtol=1e-10)
+  assert std < 1e-8
+
+
+def test_inception_score_of_identical_predictions_is_one():
+  rng = np.random.default_rng(6)
+  logits = np.tile(rng.normal(size=(1, 10)), (100, 1))
+  mean, std = fid.inception_score(logits, num_splits=5)
+  np.testing.assert_allclose(mean, 1.0, atol=1e-12)
+  assert std < 1e-12
+
+
+def test_inception_score_logits_equal_probs():
+  rng = np.random.default_rng(7)
+  logits = 3.0 * rng.normal(size=(97, 10))  # 97: uneven splits.
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  from_logits = fid.inception_score(logits, num_splits=4)
+  from_probs = fid.inception_score(probs, num_splits=4)
+  np.testing.assert_allclose(from_logits, from_probs, rtol=1e-10)
+  assert 1.0 < from_logits[0] < 10.0
+
+
+def test_extract_features_keeps_every_row_with_one_batch_shape():
+  seen_shapes = set()
+
+  def fn(batch):
+    seen_shapes.add(batch.shape)
+    return {'double': 2 * batch, 'sum': batch.sum(axis=1)}
+
+  x = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
+  out = fid.extract_features(fn, x, batch_size=5)
+  assert seen_shapes == {(5, 3)}
+  np.testing.assert_array_equal(out['double'], 2 * x)
+  np.testing.assert_array_equal(out['sum'], x.sum(axis=1))
