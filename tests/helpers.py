@@ -1,0 +1,133 @@
+"""Shared pieces of the trainer tests: a tiny config, its command-line form, and subprocesses.
+
+The tiny settings live in one flat dict, `TINY`, so that the in-process tests
+(`tiny_config`) and the command-line tests (`main_command`) train the same model.
+"""
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import ml_collections
+
+from configs import cifar10
+from configs import digits
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A 1-level U-Net (about 160k parameters) whose channels (32 and the 64-channel skip
+# concatenations) divide the 32 GroupNorm groups of the real model. The grid sampler takes 2
+# DDIM steps for 4 images, and nothing is sampled mid-run.
+TINY = {
+    "model.ch": 32,
+    "model.ch_mult": (1,),
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": (),
+    "model.dropout": 0.0,
+    "diffusion.num_timesteps": 20,
+    "training.batch_size": 8,
+    "training.log_every": 5,
+    "training.checkpoint_every": 10,
+    "training.sample_every": 1_000_000,
+    "training.num_grid_samples": 4,
+    "training.grid_sampler_steps": 2,
+    "training.final_eval_metrics": (),
+    "optim.warmup_steps": 5,
+    "sampling.batch_size": 8,
+    "eval.batch_size": 8,
+}
+
+_CONFIG_FILES = {"digits": "configs/digits.py", "cifar10": "configs/cifar10.py"}
+_GET_CONFIG = {"digits": digits.get_config, "cifar10": cifar10.get_config}
+
+
+def tiny_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
+  """configs/<name>.py with `TINY` applied, then `overrides` (flat dotted keys, e.g.
+
+  tiny_config(**{"training.num_train_steps": 3})).
+  """
+  config = _GET_CONFIG[name]()
+  config.update_from_flattened_dict({**TINY, **overrides})
+  return config
+
+
+def _flag_value(value) -> str:
+  # config_flags parses tuples from their Python literal, so "(1,)" and "()" round-trip.
+  return repr(value) if isinstance(value, tuple) else str(value)
+
+
+def main_command(workdir, *flags: str, name: str = "digits", **overrides) -> list[str]:
+  """`python -m ddpm_jax.main` on the tiny config; `overrides` use flat dotted keys."""
+  settings = {**TINY, **overrides}
+  return [sys.executable, "-m", "ddpm_jax.main",
+          f"--config={os.path.join(REPO_ROOT, _CONFIG_FILES[name])}", f"--workdir={workdir}",
+          *(f"--config.{k}={_flag_value(v)}" for k, v in settings.items()), *flags]
+
+
+def subprocess_env(num_devices: int) -> dict:
+  """A child JAX process on `num_devices` simulated CPU devices with fast compiles.
+
+  Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out.
+  """
+  env = dict(os.environ)
+  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+             JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  return env
+
+
+@contextlib.contextmanager
+def spawned(commands: list[list[str]], env: dict | list[dict], log_dir):
+  """Starts every command, logging each to `log_dir/proc<i>.log`; kills survivors on exit.
+
+  Output goes to files, not pipes: Orbax logs enough to fill a pipe and block the child.
+  """
+  envs = env if isinstance(env, list) else [env] * len(commands)
+  procs = []
+  try:
+    for i, (command, child_env) in enumerate(zip(commands, envs)):
+      with open(os.path.join(log_dir, f"proc{i}.log"), "wb") as log:
+        procs.append(subprocess.Popen(command, env=child_env, cwd=REPO_ROOT, stdout=log,
+                                      stderr=subprocess.STDOUT))
+    yield procs
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+    for proc in procs:
+      proc.wait(timeout=30)
+
+
+def wait_all(procs: list[subprocess.Popen], timeout: float) -> list[int | None]:
+  """Return codes once all exit, or as soon as one fails (the rest could hang in a collective).
+
+  A process still running at the deadline, or after another failed, gets None.
+  """
+  deadline = time.monotonic() + timeout
+  while time.monotonic() < deadline:
+    codes = [proc.poll() for proc in procs]
+    if all(code is not None for code in codes) or any(code for code in codes):
+      return codes
+    time.sleep(0.2)
+  return [proc.poll() for proc in procs]
+
+
+def read_log(log_dir, index: int = 0) -> str:
+  with open(os.path.join(log_dir, f"proc{index}.log"), encoding="utf-8", errors="replace") as f:
+    return f.read()
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The lines of `workdir/metrics.jsonl`, oldest first ([] before the first one)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.endswith("\n")]
+
+
+def checkpoint_entries(workdir) -> list[str]:
+  """Every entry of `workdir/checkpoints`, complete step directories and temporary ones."""
+  return sorted(os.listdir(os.path.join(workdir, "checkpoints")))

@@ -1,0 +1,290 @@
+"""Tests of experiments/sweep.py and experiments/collate.py.
+
+One test trains a 2-point sweep of tiny digits models end to end (two ~15 s subprocesses); the
+others check expansion, validation, command lines, resumption and collation without training.
+"""
+
+import csv
+import json
+import os
+import shlex
+import sys
+
+import pytest
+
+_REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if _REPO not in sys.path:  # `experiments` is not an installed package; `pytest` may not add it.
+  sys.path.insert(0, _REPO)
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import collate  # noqa: E402
+from experiments import sweep as sweep_lib  # noqa: E402
+from experiments.sweeps import cifar10_schedules  # noqa: E402
+from experiments.sweeps import digits_schedules  # noqa: E402
+
+TINY = {
+    "model.ch": 32,
+    "model.ch_mult": (1,),
+    "model.num_res_blocks": 1,
+    "model.attn_resolutions": (),
+    "diffusion.num_timesteps": 20,
+    "training.num_train_steps": 4,
+    "training.batch_size": 8,
+    "training.checkpoint_every": 2,
+    "training.log_every": 2,
+    "training.sample_every": 4,
+    "training.grid_sampler_steps": 2,
+    "training.num_grid_samples": 4,
+    "training.final_eval_metrics": ("digits_score",),
+    "sampling.num_samples": 8,
+    "sampling.batch_size": 8,
+    "sampling.num_steps": 2,
+}
+NAMES = ["schedule-linear", "schedule-cosine"]
+
+
+def tiny_sweep(**fields) -> dict:
+  return {"name": "tiny", "config": "configs/digits.py", "fixed": TINY,
+          "grid": {"diffusion.schedule": ["linear", "cosine"]}, **fields}
+
+
+def sweep_file(tmp_path, sweep: dict) -> str:
+  """A sweep definition file, as the CLI's --sweep takes it."""
+  path = tmp_path / "tiny_sweep.py"
+  path.write_text(f"def get_sweep():\n  return {sweep!r}\n")
+  return str(path)
+
+
+@pytest.fixture(name="no_launch")
+def fixture_no_launch(monkeypatch):
+  """Fails the test if the runner starts any subprocess."""
+  calls = []
+  monkeypatch.setattr(sweep_lib, "launch_point",
+                      lambda command, workdir, echo=True: calls.append(workdir) or 99)
+  return calls
+
+
+def test_expand_names_labels_and_linked_overrides():
+  sweep = {"name": "s", "config": "configs/digits.py", "fixed": {"training.num_train_steps": 5},
+           "grid": {"diffusion.schedule": ["linear", "cosine"],
+                    "diffusion.loss": ["mse", cifar10_schedules.HYBRID]},
+           "points": [{"name": "my point", "model.ch": 16}, {"model.ch_mult": (1, 2)}]}
+  points = sweep_lib.expand(sweep)
+  assert [p.name for p in points] == [
+      "schedule-linear__loss-mse", "schedule-linear__loss-hybrid", "schedule-cosine__loss-mse",
+      "schedule-cosine__loss-hybrid", "my_point", "ch_mult-1,2"]
+  assert points[1].labels == {"schedule": "linear", "loss": "hybrid"}
+  assert points[1].overrides == {"training.num_train_steps": 5, "diffusion.schedule": "linear",
+                                 "diffusion.loss": "hybrid",
+                                 "diffusion.model_var": "learned_range"}
+  assert "diffusion.model_var" not in points[0].overrides
+  assert points[4].overrides == {"training.num_train_steps": 5, "model.ch": 16}
+  # Keys whose last parts collide keep their whole dotted name.
+  clash = sweep_lib.expand({"name": "c", "config": "configs/digits.py",
+                            "grid": {"training.batch_size": [8], "sampling.batch_size": [8]}})
+  assert clash[0].name == "training.batch_size-8__sampling.batch_size-8"
+  with pytest.raises(sweep_lib.SweepError, match="both named"):
+    sweep_lib.expand({"name": "d", "config": "configs/digits.py", "grid": {"diffusion.loss": [
+        {"label": "x", "diffusion.loss": "mse"}, {"label": "x", "diffusion.loss": "kl"}]}})
+  with pytest.raises(sweep_lib.SweepError, match="Bad sweep definition"):
+    sweep_lib.expand({"name": "e", "config": "configs/digits.py", "grids": {}})
+
+
+def test_shipped_sweeps_expand_and_validate():
+  default = sweep_lib.load_sweep("digits_schedules")
+  full = sweep_lib.load_sweep("digits_schedules", "full")
+  cifar = sweep_lib.load_sweep("cifar10_schedules")
+  default_points, full_points = sweep_lib.expand(default), sweep_lib.expand(full)
+  assert len(default_points) == 6 and len(full_points) == 24
+  # The default points are the full grid's T=1000/mse points, workdirs and all.
+  assert {p.name for p in default_points} == {
+      p.name for p in full_points if p.labels["num_timesteps"] == "1000"
+      and p.labels["loss"] == "mse"}
+  assert [p.labels["schedule"] for p in default_points] == list(cifar10_schedules.SCHEDULES)
+  for plan in sweep_lib.plan(default, default_points):
+    assert plan.config.training.num_train_steps == 1500
+    assert plan.config.training.final_eval_metrics == ("digits_score", "bpd")
+    assert plan.config.diffusion.num_timesteps == 1000 and plan.config.diffusion.loss == "mse"
+  cifar_plans = sweep_lib.plan(cifar, sweep_lib.expand(cifar))
+  assert len(cifar_plans) == 24
+  for plan in cifar_plans:
+    learned = plan.config.diffusion.model_var == "learned_range"
+    assert learned == (plan.config.diffusion.loss == "hybrid")
+  with pytest.raises(sweep_lib.SweepError, match="Unknown grid"):
+    sweep_lib.load_sweep("digits_schedules", "huge")
+  with pytest.raises(sweep_lib.SweepError, match="shipped sweeps"):
+    sweep_lib.load_sweep("no_such_sweep")
+
+
+def test_cli_values_round_trip_through_config_flags():
+  overrides = {"training.final_eval_metrics": ("digits_score", "bpd"),
+               "model.attn_resolutions": (), "model.ch_mult": [1, 2, 2],
+               "diffusion.clip_x0": False, "optim.lr": 3e-4, "optim.warmup_steps": 7,
+               "diffusion.schedule": "cosine", "eval.inception_weights": "/tmp/a b.npz"}
+  config = sweep_lib._module_from_file(  # pylint: disable=protected-access
+      os.path.join(_REPO, "configs/digits.py"), "digits_config").get_config()
+  config.lock()
+  args = sweep_lib.apply_overrides(config, overrides, "test")
+  assert "--config.training.final_eval_metrics=('digits_score', 'bpd')" in args
+  assert "--config.model.attn_resolutions=()" in args
+  assert "--config.diffusion.clip_x0=false" in args
+  parsed = sweep_lib.config_from_args("configs/digits.py", args)
+  assert parsed.to_dict() == config.to_dict()
+  assert parsed.model.ch_mult == (1, 2, 2) and parsed.eval.inception_weights == "/tmp/a b.npz"
+  # What --dry-run prints is what a shell passes on.
+  command = ["python", "-m", "ddpm_jax.main", *args]
+  assert shlex.split(sweep_lib.shell_join(command)) == command
+  assert "--config.training.final_eval_metrics=\"('digits_score', 'bpd')\"" in (
+      sweep_lib.shell_join(command))
+
+
+def test_bad_point_fails_before_any_point_starts(tmp_path, capsys, no_launch):
+  root = tmp_path / "runs"
+  # Only the second point is bad; the first must not start either.
+  bad = tiny_sweep(grid={}, points=[{"diffusion.schedule": "linear"},
+                                    {"diffusion.schedule": "cosine", "training.num_train_stepz": 3}])
+  assert sweep_lib.main([f"--sweep={sweep_file(tmp_path, bad)}", f"--root={root}"]) == 2
+  err = capsys.readouterr().err
+  assert "training.num_train_stepz" in err and "schedule-cosine__num_train_stepz-3" in err
+  assert "training.num_train_steps" in err  # the valid keys are listed
+  assert not root.exists() and not no_launch
+  with pytest.raises(sweep_lib.SweepError, match="point 'schedule-nope'.*valid choices"):
+    sweep_lib.run_sweep(tiny_sweep(grid={"diffusion.schedule": ["linear", "nope"]}),
+                        root=str(root))
+  with pytest.raises(sweep_lib.SweepError, match="cannot set model.ch='wide'"):
+    sweep_lib.run_sweep(tiny_sweep(fixed={**TINY, "model.ch": "wide"}), root=str(root))
+  assert not root.exists() and not no_launch
+
+
+def test_dry_run_lists_status_and_commands(tmp_path, capsys, no_launch):
+  root = tmp_path / "runs"
+  path = sweep_file(tmp_path, tiny_sweep())
+  (root / "tiny" / "schedule-cosine").mkdir(parents=True)
+  assert sweep_lib.main([f"--sweep={path}", f"--root={root}", "--dry-run"]) == 0
+  out = capsys.readouterr().out
+  assert "[pending] schedule-linear" in out and "[partial] schedule-cosine" in out
+  commands = [line.strip() for line in out.splitlines() if "ddpm_jax.main" in line]
+  assert len(commands) == 2
+  argv = shlex.split(commands[0])
+  assert argv[:4] == ["python", "-m", "ddpm_jax.main", "--config=configs/digits.py"]
+  assert argv[4] == f"--workdir={root}/tiny/schedule-linear"
+  assert "--config.training.final_eval_metrics=('digits_score',)" in argv
+  assert "--config.diffusion.schedule=linear" in argv
+  assert sweep_lib.main([f"--sweep={path}", f"--root={root}", "--dry-run", "--only=lin"]) == 0
+  out = capsys.readouterr().out
+  assert "schedule-linear" in out and "schedule-cosine" not in out
+  assert not no_launch and not (root / "tiny" / "schedule-linear").exists()
+
+
+def test_tpu_launch_prints_a_gcloud_command_per_point(tmp_path, capsys, no_launch):
+  path = sweep_file(tmp_path, tiny_sweep())
+  assert sweep_lib.main([f"--sweep={path}", "--launch=tpu", "--root=gs://bkt/sweeps"]) == 0
+  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("gcloud")]
+  assert len(lines) == 2 and not no_launch
+  argv = shlex.split(lines[1])
+  assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "$TPU_NAME"]
+  assert "--worker=all" in argv and "--zone=$ZONE" in argv
+  remote = shlex.split(argv[-1].removeprefix("--command="))
+  assert remote[:7] == ["cd", "~/ddpm_jax", "&&", "python", "-m", "ddpm_jax.main",
+                        "--config=configs/digits.py"]
+  assert remote[7] == "--workdir=gs://bkt/sweeps/tiny/schedule-cosine"
+  sweep = sweep_lib.as_sweep(tiny_sweep())
+  expected = sweep_lib.plan(sweep, sweep_lib.expand(sweep))[1].config
+  assert sweep_lib.config_from_args("configs/digits.py", remote[8:]).to_dict() == (
+      expected.to_dict())
+
+
+def test_failed_point_is_marked_rerun_and_the_rest_still_run(tmp_path, monkeypatch):
+  root, out = tmp_path / "runs", tmp_path / "results"
+  launched = []
+
+  def fake_launch(command, workdir, echo=True):
+    del echo
+    launched.append(os.path.basename(workdir))
+    os.makedirs(workdir, exist_ok=True)
+    assert command[:3] == [sys.executable, "-m", "ddpm_jax.main"]
+    return 1 if "linear" in workdir and len(launched) == 1 else 0
+
+  monkeypatch.setattr(sweep_lib, "launch_point", fake_launch)
+  kwargs = dict(root=str(root), out=str(out), echo=False)
+  assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == ["schedule-linear"]
+  assert launched == NAMES
+  assert collate.point_status(str(root / "tiny" / "schedule-linear")) == "failed"
+  assert collate.point_status(str(root / "tiny" / "schedule-cosine")) == "done"
+  assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == []
+  assert launched == NAMES + ["schedule-linear"]
+  assert not (root / "tiny" / "schedule-linear" / sweep_lib.FAILED_MARKER).exists()
+  assert collate.point_status(str(root / "tiny" / "schedule-linear")) == "done"
+
+
+def _write_jsonl(path, records):
+  with open(path, "a", encoding="utf-8") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+
+
+def test_collate_resumed_partial_and_missing_points(tmp_path):
+  root, out = tmp_path / "runs", tmp_path / "results"
+  resumed = root / "s" / "schedule-linear"
+  (resumed / "eval").mkdir(parents=True)
+  # Logged to step 6, killed, resumed from the step-4 checkpoint: steps 6 and 8 logged again.
+  _write_jsonl(resumed / "metrics.jsonl", [{"step": s, "loss": 100.0} for s in (2, 4, 6)])
+  _write_jsonl(resumed / "metrics.jsonl", [{"step": s, "loss": float(s)} for s in (6, 8)])
+  for step, fd in ((4, 9.0), (8, 3.5)):
+    (resumed / "eval" / f"step_{step}.json").write_text(json.dumps(
+        {"step": step, "digits_frechet_distance": fd, "samples_per_sec": 12.0}))
+  (resumed / sweep_lib.DONE_MARKER).write_text("{}")
+  sweep = sweep_lib.as_sweep(tiny_sweep(name="s"))
+  plans = sweep_lib.plan(sweep, sweep_lib.expand(sweep))
+  paths = sweep_lib.collate_sweep(sweep, plans, str(root), str(out))
+  assert sorted(os.path.basename(p) for p in paths) == sorted(
+      ["s.md", "s.csv", "s_log_snr.png", "s_loss_curves.png", "s_metrics.png"])
+  with open(out / "s.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["point"] for r in rows] == NAMES
+  linear, cosine = rows
+  assert linear["schedule"] == "linear" and linear["status"] == "done"
+  assert linear["steps"] == "8"
+  assert float(linear["loss"]) == pytest.approx((100 + 100 + 6 + 8) / 4)
+  assert float(linear["digits_frechet_distance"]) == 3.5 and linear["bpd_total"] == "-"
+  assert cosine["status"] == "pending"
+  assert {cosine[k] for k in ("steps", "loss", "digits_frechet_distance", "samples_per_sec")} == {
+      "-"}
+  md = (out / "s.md").read_text()
+  assert "| linear | done | 8 |" in md and "| cosine | pending | - |" in md
+
+
+def test_end_to_end_writes_results_and_rerun_skips(tmp_path, monkeypatch, capsys):
+  root, out = tmp_path / "runs", tmp_path / "results"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")  # compiles about twice as fast
+  args = [f"--sweep={sweep_file(tmp_path, tiny_sweep())}", f"--root={root}", f"--out={out}",
+          "--quiet"]
+  assert sweep_lib.main(args) == 0, capsys.readouterr()
+  for name in NAMES:
+    workdir = root / "tiny" / name
+    assert (workdir / sweep_lib.DONE_MARKER).exists()
+    assert "step 4/4" in (workdir / sweep_lib.LOG_FILE).read_text()
+    # The subprocess parsed the tuple overrides from the command line as intended.
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["training"]["final_eval_metrics"] == ["digits_score"]
+    assert config["model"]["ch_mult"] == [1] and config["model"]["attn_resolutions"] == []
+    assert config["diffusion"]["schedule"] == name.split("-")[1]
+  with open(out / "tiny.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [r["point"] for r in rows] == NAMES
+  for row in rows:
+    assert row["status"] == "done" and row["steps"] == "4"
+    assert float(row["digits_frechet_distance"]) > 0
+    assert 1 <= float(row["digits_inception_score"]) <= 10
+    assert float(row["samples_per_sec"]) > 0 and float(row["loss"]) > 0
+  md = (out / "tiny.md").read_text()
+  assert "digits FD" in md and "| linear | done | 4 |" in md and "| cosine | done | 4 |" in md
+  for kind in ("log_snr", "loss_curves", "metrics"):
+    assert (out / f"tiny_{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+  capsys.readouterr()
+  monkeypatch.setattr(sweep_lib, "launch_point",
+                      lambda *a, **k: pytest.fail("a finished point was run again"))
+  assert sweep_lib.main(args) == 0
+  assert capsys.readouterr().out.count("done, skipped") == 2

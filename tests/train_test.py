@@ -1,0 +1,277 @@
+"""Tests for ddpm_jax.train and ddpm_jax.train_step on a tiny U-Net and 4 simulated CPU devices.
+
+Each `train_and_evaluate` call costs several seconds of compiling, so one 20-step run (the
+`reference_run` fixture) serves both the resume test and the logging test.
+"""
+
+import json
+import os
+import struct
+
+import jax
+import numpy as np
+from PIL import Image
+import pytest
+from tensorboardX.proto import event_pb2
+import tensorflow_datasets as tfds
+
+from ddpm_jax import checkpointing
+from ddpm_jax import config_lib
+from ddpm_jax import input_pipeline
+from ddpm_jax import models
+from ddpm_jax import schedules
+from ddpm_jax import train
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+from helpers import checkpoint_entries
+from helpers import read_metrics
+from helpers import tiny_config
+
+NUM_DEVICES = 4  # set by conftest.py
+
+
+def _make_state_and_step(config, mesh):
+  """The train state and step exactly as train_and_evaluate builds them, on `mesh`."""
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  state = train_state_lib.create_train_state(config, model, mesh)
+  step = train_step_lib.make_train_step(
+      apply_fn=model.apply, loss_fn=config_lib.loss_fn_from_config(config, tables),
+      num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
+      ema_decay=config.training.ema_decay,
+      learning_rate=train_state_lib.learning_rate_schedule(config.optim), mesh=mesh)
+  return state, step
+
+
+def _restore_state(config, workdir, step=None):
+  """The full TrainState of a checkpoint (the newest by default), as NumPy arrays."""
+  target = train_state_lib.create_train_state(config, models.create_model(config),
+                                              train_step_lib.make_mesh())
+  manager = checkpointing.create_manager(workdir, max_to_keep=None, read_only=True)
+  try:
+    return jax.device_get(checkpointing.restore(manager, target, step=step))
+  finally:
+    manager.close()
+
+
+def _leaves(tree) -> dict:
+  return {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def test_one_and_four_devices_train_the_same_model():
+  config = tiny_config()
+  data = input_pipeline.create_train_iterator(config)
+  images = [next(data)["image"] for _ in range(3)]
+  runs = {}
+  for num_devices in (1, NUM_DEVICES):
+    mesh = train_step_lib.make_mesh(jax.devices()[:num_devices])
+    state, step = _make_state_and_step(config, mesh)
+    initial = jax.device_get(state.params)  # copied out before the step donates the state
+    history = []
+    for image in images:
+      batch = {"image": image, "preempt": np.zeros(num_devices, np.bool_)}
+      state, metrics = step(state, train_step_lib.global_batch(mesh, batch))
+      history.append(jax.device_get(metrics))
+    runs[num_devices] = initial, jax.device_get(state), history
+
+  (init_1, state_1, history_1), (init_n, state_n, history_n) = runs[1], runs[NUM_DEVICES]
+  for key, value in _leaves(init_1).items():
+    np.testing.assert_array_equal(_leaves(init_n)[key], value, err_msg=key)
+  # The run has to move the params, or agreement would prove nothing (step 1 has lr 0).
+  moved = max(np.max(np.abs(after - before)) for after, before in
+              zip(jax.tree.leaves(state_n.params), jax.tree.leaves(init_n)))
+  assert moved > 1e-4
+  assert int(state_1.step) == int(state_n.step) == 3
+  np.testing.assert_array_equal(state_n.rng, state_1.rng)
+  # Only the summation order differs (per-device partial sums, then a pmean), so the float32
+  # results agree to rounding: rtol 1e-5, atol 1e-6 (Adam can turn a rounding-level gradient
+  # difference into up to ~lr * 1e-4 on entries whose gradient is near zero).
+  for name in ("params", "ema_params", "opt_state"):
+    expected = _leaves(getattr(state_1, name))
+    for key, value in _leaves(getattr(state_n, name)).items():
+      np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=f"{name}{key}")
+  for metrics_1, metrics_n in zip(history_1, history_n):
+    assert metrics_1.keys() == metrics_n.keys()
+    for key in metrics_1:
+      np.testing.assert_allclose(metrics_n[key], metrics_1[key], rtol=1e-5, atol=1e-6,
+                                 err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+  """An uninterrupted 20-step run, checkpointed at 10 and 20 and logged every 5 steps."""
+  workdir = str(tmp_path_factory.mktemp("reference"))
+  config = tiny_config(**{"training.num_train_steps": 20})
+  report = train.train_and_evaluate(config, workdir)
+  return config, workdir, report
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(reference_run, tmp_path):
+  config, reference_dir, reference_report = reference_run
+  workdir = str(tmp_path)
+  first = train.train_and_evaluate(tiny_config(**{"training.num_train_steps": 10}), workdir)
+  assert first["step"] == 10 and checkpoint_entries(workdir) == ["10"]
+  second = train.train_and_evaluate(config, workdir)
+
+  assert second["step"] == 20 and not second["preempted"]
+  # It resumed at 10 rather than starting over: each logged step appears once.
+  assert [m["step"] for m in read_metrics(workdir)] == [5, 10, 15, 20]
+  assert checkpoint_entries(workdir) == checkpoint_entries(reference_dir) == ["10", "20"]
+  expected = _leaves(_restore_state(config, reference_dir))
+  resumed = _leaves(_restore_state(config, workdir))
+  assert resumed.keys() == expected.keys()
+  assert any(".ema_params" in key for key in resumed)
+  for key, value in resumed.items():
+    assert np.array_equal(value, expected[key]), f"{key} differs after resuming"
+  assert second["loss"] == reference_report["loss"]
+  # The data iterator resumed too: both runs stopped at the same record.
+  positions = []
+  for run_dir in (reference_dir, workdir):
+    with open(os.path.join(run_dir, "checkpoints", "20", "data", "process_0-of-1.json"),
+              encoding="utf-8") as f:
+      positions.append(json.load(f)["last_seen_indices"])
+  assert positions[0] == positions[1]
+
+
+def _tensorboard_events(workdir) -> list:
+  """Every Event in workdir/tb, read from the TFRecord framing (length, crc, data, crc)."""
+  tb_dir = os.path.join(workdir, "tb")
+  events = []
+  for name in sorted(os.listdir(tb_dir)):
+    with open(os.path.join(tb_dir, name), "rb") as f:
+      data = f.read()
+    pos = 0
+    while pos < len(data):
+      (length,) = struct.unpack("<Q", data[pos:pos + 8])
+      events.append(event_pb2.Event.FromString(data[pos + 12:pos + 12 + length]))
+      pos += 12 + length + 4
+  return events
+
+
+def _check_grid(path, image_size: int, channels: int) -> None:
+  """The PNG is a 2x2 grid of 4 samples with white 1-pixel borders, upscaled by an integer."""
+  side = 2 * (image_size + 1) + 1
+  with Image.open(path) as png:
+    assert png.mode == ("L" if channels == 1 else "RGB")
+    pixels = np.asarray(png)
+  assert pixels.shape[0] == pixels.shape[1] and pixels.shape[0] % side == 0, pixels.shape
+  grid = pixels[::pixels.shape[0] // side, ::pixels.shape[0] // side]  # undo the upscaling
+  for border in (0, image_size + 1, side - 1):
+    assert np.all(grid[border] == 255) and np.all(grid[:, border] == 255)
+
+
+def test_run_writes_metrics_tensorboard_and_sample_grid(reference_run):
+  config, workdir, report = reference_run
+  lines = read_metrics(workdir)
+  assert [line["step"] for line in lines] == [5, 10, 15, 20]
+  schedule = train_state_lib.learning_rate_schedule(config.optim)
+  for line in lines:
+    for key in ("loss", "grad_norm", "lr", "images_per_sec"):
+      assert np.isfinite(line[key]), (key, line)
+    assert line["images_per_sec"] > 0
+    # The logged rate is the one the step used, i.e. at the state's step before the update.
+    np.testing.assert_allclose(line["lr"], schedule(line["step"] - 1), rtol=1e-6)
+  assert lines[-1]["loss"] == pytest.approx(report["loss"])
+
+  events = _tensorboard_events(workdir)
+  scalars = {(value.tag, event.step): value.simple_value
+             for event in events for value in event.summary.value
+             if value.HasField("simple_value")}
+  images = {(value.tag, event.step) for event in events for value in event.summary.value
+            if value.HasField("image")}
+  for line in lines:
+    for key in ("loss", "grad_norm", "lr", "images_per_sec"):
+      assert scalars[(key, line["step"])] == pytest.approx(line[key], rel=1e-6)
+  assert ("samples_ema", 20) in images
+
+  # 4 samples of 8x8 in a 2x2 grid with 1-pixel borders: 19 px, scaled up for viewing.
+  _check_grid(os.path.join(workdir, "samples", "grid_00000020.png"), image_size=8, channels=1)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert json.load(f)["training"]["num_train_steps"] == 20
+
+
+class _PoisonedIterator:
+  """The real (checkpointable) iterator, with NaN images from batch `first_bad` on."""
+
+  def __init__(self, iterator, first_bad: int):
+    self._iterator, self._first_bad, self._count = iterator, first_bad, 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._count += 1
+    if self._count >= self._first_bad:
+      batch = {**batch, "image": np.full_like(batch["image"], np.nan)}
+    return batch
+
+  # What grain.checkpoint.CheckpointHandler calls.
+  def get_state(self):
+    return self._iterator.get_state()
+
+  def set_state(self, state):
+    self._iterator.set_state(state)
+
+  def start_prefetch(self):
+    self._iterator.start_prefetch()
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                          monkeypatch):
+  real = input_pipeline.create_train_iterator
+  monkeypatch.setattr(input_pipeline, "create_train_iterator",
+                      lambda config: _PoisonedIterator(real(config), first_bad=3))
+  config = tiny_config(**{"training.num_train_steps": 8, "training.checkpoint_every": 2})
+  workdir = str(tmp_path)
+
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 3\b") as error:
+    train.train_and_evaluate(config, workdir)
+
+  assert "checkpoint is step 2" in str(error.value)
+  # Right after the error, as a process exiting on it would leave it: step 2 is committed
+  # (no temporary directory), and nothing from step 3 on was saved.
+  assert checkpoint_entries(workdir) == ["2"]
+  state = _restore_state(config, workdir)
+  assert int(state.step) == 2
+  for key, value in {**_leaves(state.params), **_leaves(state.ema_params)}.items():
+    assert np.all(np.isfinite(value)), key
+
+
+def _no_compiling(*args, **kwargs):
+  raise AssertionError("jax.jit was called before the config was rejected")
+
+
+def test_batch_that_does_not_divide_over_devices_fails_before_compiling(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", _no_compiling)
+  config = tiny_config(**{"training.batch_size": 6})
+  with pytest.raises(ValueError, match=r"batch_size=6.*divi") as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  suggested = int(error.value.args[0].split("--config.training.batch_size=")[1].split(".")[0])
+  assert suggested > 0 and suggested % NUM_DEVICES == 0
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_unknown_schedule_lists_the_valid_ones_before_compiling(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", _no_compiling)
+  config = tiny_config(**{"diffusion.schedule": "nope"})
+  with pytest.raises(ValueError, match=r"diffusion\.schedule 'nope'") as error:
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+  for name in schedules.SCHEDULES:
+    assert repr(name) in str(error.value)
+  assert not os.path.exists(tmp_path / "run")
+
+
+def test_one_step_end_to_end_on_mock_cifar10(tmp_path):
+  config = tiny_config("cifar10", **{"training.num_train_steps": 1})
+  workdir = str(tmp_path)
+  with tfds.testing.mock_data(num_examples=16):
+    report = train.train_and_evaluate(config, workdir)
+
+  assert report["step"] == 1 and np.isfinite(report["loss"])
+  assert checkpoint_entries(workdir) == ["1"]
+  (line,) = read_metrics(workdir)
+  assert line["step"] == 1 and np.isfinite(line["loss"])
+  _check_grid(os.path.join(workdir, "samples", "grid_00000001.png"), image_size=32, channels=3)
