@@ -57,11 +57,7 @@ def main(_):
   model = models.create_model(config)
   tables = config_lib.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
-  step_fn = train_step_lib.make_train_step(
-      apply_fn=model.apply, loss_fn=config_lib.loss_fn_from_config(config, tables),
-      num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
-      ema_decay=config.training.ema_decay,
-      learning_rate=train_state_lib.learning_rate_schedule(config.optim), mesh=mesh)
+  step_fn = config_lib.train_step_from_config(config, model, tables, mesh)
   d = config.data
   rng = np.random.default_rng(0)
   local = {"image": rng.uniform(-1, 1, (_BATCH.value // jax.process_count(), d.image_size,

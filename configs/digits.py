@@ -17,7 +17,7 @@ def get_config():
                          checkpoint_every=500, sample_every=500,
                          final_eval_metrics=("digits_score",))
   config.optim.update(lr=1e-3, warmup_steps=200)
-  config.sampling.update(sampler="ddim", num_steps=50, num_samples=500, batch_size=500,
+  config.sampling.update(sampler="ddim", num_steps=50, num_samples=500, batch_size=512,
                          trajectory_every=5)
   config.eval.update(metrics=("digits_score", "bpd"), batch_size=360, fid_split="train")
   return config

@@ -17,6 +17,8 @@ from ddpm_jax import input_pipeline
 from ddpm_jax import losses
 from ddpm_jax import sampling
 from ddpm_jax import schedules
+from ddpm_jax import train_state
+from ddpm_jax import train_step
 
 MODEL_DTYPES = ("float32", "bfloat16")
 EVAL_METRICS = ("bpd", "fid", "digits_score")
@@ -73,6 +75,15 @@ def loss_fn_from_config(config, tables):
       tables, loss=d.loss, model_output=d.model_output, model_var=d.model_var,
       weighting=d.weighting, hybrid_lambda=d.hybrid_lambda, p2_k=d.p2_k, p2_gamma=d.p2_gamma,
       min_snr_gamma=d.min_snr_gamma)
+
+
+def train_step_from_config(config, model, tables, mesh):
+  """The jitted data-parallel train step of this config (see `train_step.make_train_step`)."""
+  return train_step.make_train_step(
+      apply_fn=model.apply, loss_fn=loss_fn_from_config(config, tables),
+      num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
+      ema_decay=config.training.ema_decay,
+      learning_rate=train_state.learning_rate_schedule(config.optim), mesh=mesh)
 
 
 def sampler_from_config(config, tables, *, sampler: str | None = None, num_steps: int | None = None,

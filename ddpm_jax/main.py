@@ -42,8 +42,8 @@ def init_distributed() -> None:
   explicit = _COORDINATOR.value is not None
   if _MULTIHOST.value == "off" or (_MULTIHOST.value == "auto" and not (explicit or _tpu_pod())):
     return
-  if explicit and jax.config.jax_platforms in (None, "", "cpu"):
-    # CPU processes need a collectives backend for cross-process reductions.
+  if explicit:
+    # CPU processes need a collectives backend for cross-process reductions (no-op elsewhere).
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)

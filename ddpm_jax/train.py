@@ -82,11 +82,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     state = checkpointing.restore(manager, state, data_iter)
   step = int(jax.device_get(state.step))
 
-  train_step = train_step_lib.make_train_step(
-      apply_fn=model.apply, loss_fn=config_lib.loss_fn_from_config(config, tables),
-      num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
-      ema_decay=tc.ema_decay, learning_rate=train_state_lib.learning_rate_schedule(config.optim),
-      mesh=mesh)
+  train_step = config_lib.train_step_from_config(config, model, tables, mesh)
   grid_sampler = evaluate.make_sample_fn(
       config, model, tables, mesh, sampler="ddim", num_steps=tc.grid_sampler_steps)
   writer = logging_lib.MetricWriter(workdir)
