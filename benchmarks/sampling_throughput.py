@@ -80,7 +80,7 @@ def main(_):
     per_step = _best_time(run, params, jax.random.key(2)) / n
     steps = int(full.get(name, n))
     print(f"{name:<15}{per_step:>9.3f}{per_step / forward_s:>11.2f}x{steps:>7}"
-          f"{_BATCH.value / (per_step * steps):>10.2f}")
+          f"{_BATCH.value / (per_step * steps):>10.3g}")
 
 
 if __name__ == "__main__":

@@ -48,8 +48,11 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   if d.zero_terminal_snr and d.model_output == "eps":
     raise ValueError("diffusion.zero_terminal_snr makes x0 unrecoverable from eps at t = T; use "
                      "--config.diffusion.model_output=v (Lin et al. 2023) or x0.")
-  # Builds the loss once, which checks the combinations (e.g. mse with a learned variance).
-  loss_fn_from_config(config, tables_from_config(config))
+  # Building the loss and the sampler checks their combinations (e.g. mse with a learned
+  # variance, more sampler steps than timesteps).
+  tables = tables_from_config(config)
+  loss_fn_from_config(config, tables)
+  sampler_from_config(config, tables)
   n_dev = jax.device_count()
   for key, batch in [("training.batch_size", config.training.batch_size),
                      ("sampling.batch_size", config.sampling.batch_size),

@@ -84,7 +84,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   train_step = config_lib.train_step_from_config(config, model, tables, mesh)
   grid_sampler = evaluate.make_sample_fn(
-      config, model, tables, mesh, sampler="ddim", num_steps=tc.grid_sampler_steps)
+      config, model, tables, mesh, sampler="ddim",
+      num_steps=min(tc.grid_sampler_steps, config.diffusion.num_timesteps))
   writer = logging_lib.MetricWriter(workdir)
   progress = logging_lib.Progress(step, tc.num_train_steps)
   local_devices = jax.local_device_count()
