@@ -9,7 +9,7 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs", "experiments"]),
+    packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs", "experiments", "experiments.*"]),
     install_requires=[
         "jax>=0.10.0,<0.11",
         "flax>=0.12.0,<0.13",

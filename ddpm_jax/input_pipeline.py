@@ -111,11 +111,17 @@ def load_digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
 class _ArraySource:
   """A grain random-access source over in-memory arrays, with tfds' record layout."""
 
-  def __init__(self, images: np.ndarray, labels: np.ndarray):
+  def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray):
+    self._name, self._split = name, split
     self._images, self._labels = images, labels
 
   def __len__(self) -> int:
     return len(self._images)
+
+  def __repr__(self) -> str:
+    # grain stores repr(source) in iterator checkpoints and refuses to restore into a source
+    # whose repr differs, so it must name the data, not the object's address.
+    return f"_ArraySource(name={self._name!r}, split={self._split!r}, len={len(self)})"
 
   def __getitem__(self, index: int) -> dict[str, np.ndarray]:
     return {"image": self._images[index], "label": self._labels[index]}
@@ -128,7 +134,7 @@ def _open_source(name: str, split: str, data_dir: str) -> Any:
   if base_split not in spec.splits:
     raise ValueError(f"Dataset {name!r} has no split {split!r}; valid splits: {spec.splits}.")
   if spec.tfds_name is None:
-    return _ArraySource(*load_digits_arrays(split))
+    return _ArraySource(name, split, *load_digits_arrays(split))
   # Imported here so digits runs (and this module imports) without touching tfds.
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   try:

@@ -27,20 +27,23 @@ import numpy as np
 
 from ddpm_jax import schedules
 
-DONE_MARKER = "sweep_done.json"  # written by the runner when a point's run exits 0
-FAILED_MARKER = "sweep_failed.json"  # ... and this one when it does not
+DONE_MARKER = "sweep_done.json"  # written by the runner when a point's run finishes
+FAILED_MARKER = "sweep_failed.json"  # ... and this one when it fails or stops early
 LOSS_WINDOW = 5  # the final loss is the mean of this many last logged losses
 MISSING = "-"
 _LOSS_SMOOTHING = 0.6  # EMA weight of the loss curves (TensorBoard's default)
 
 # (row key, header, Markdown format); eval keys are those of eval/step_<N>.json.
 _STEPS = ("steps", "steps", "d")
-_LOSS = ("loss", "final loss", ".4g")
+_LOSS = ("final_loss", "final loss", ".4g")
 _BPD = ("bpd_total", "bits/dim", ".3f")
 _FID = ("fid", "FID", ".2f")
 _DIGITS = (("digits_frechet_distance", "digits FD", ".2f"),
            ("digits_inception_score", "digits IS", ".2f"))
 _SPEED = ("samples_per_sec", "samples/s", ".1f")
+_BETTER = {"final_loss": "lower", "bpd_total": "lower", "fid": "lower",
+           "digits_frechet_distance": "lower", "digits_inception_score": "higher",
+           "samples_per_sec": "higher"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,7 +106,7 @@ def summarize(entry: Entry) -> dict[str, Any]:
   if records:
     row["steps"] = records[-1]["step"]
   if losses:
-    row["loss"] = float(np.mean(losses[-LOSS_WINDOW:]))
+    row["final_loss"] = float(np.mean(losses[-LOSS_WINDOW:]))
   return row
 
 
@@ -130,6 +133,17 @@ def _label_keys(entries: Sequence[Entry]) -> list[str]:
 
 def short_label(entry: Entry, keys: Sequence[str]) -> str:
   return "/".join(entry.labels.get(k, MISSING) for k in keys) or entry.name
+
+
+def _styles(entries: Sequence[Entry], keys: Sequence[str]) -> list[tuple[Any, str]]:
+  """(colour, line style) per point: colour by the first varied label, style by the others."""
+  plt = _pyplot()
+  firsts = list(dict.fromkeys(e.labels.get(keys[0]) if keys else None for e in entries))
+  rests = list(dict.fromkeys(tuple(e.labels.get(k) for k in keys[1:]) for e in entries))
+  cmap = plt.get_cmap("tab10")
+  return [(cmap(firsts.index(e.labels.get(keys[0]) if keys else None) % 10),
+           ("-", "--", ":", "-.")[rests.index(tuple(e.labels.get(k) for k in keys[1:])) % 4])
+          for e in entries]
 
 
 def _fmt(value: Any, spec: str) -> str:
@@ -209,12 +223,13 @@ def plot_loss_curves(entries: Sequence[Entry], path: str) -> None:
   keys = _label_keys(entries)
   fig, ax = plt.subplots(figsize=(8, 4.5))
   positive, drawn = True, False
-  for e in entries:
+  for e, (color, style) in zip(entries, _styles(entries, keys)):
     records = [r for r in read_metrics(e.workdir) if "loss" in r]
     if records:
       losses = [r["loss"] for r in records]
       positive &= min(losses) > 0
-      ax.plot([r["step"] for r in records], _ema(losses), label=short_label(e, keys))
+      ax.plot([r["step"] for r in records], _ema(losses), label=short_label(e, keys), color=color,
+              linestyle=style)
       drawn = True
   if drawn:
     ax.set_yscale("log" if positive else "linear")
@@ -234,7 +249,7 @@ def plot_metrics(entries: Sequence[Entry], rows: Sequence[dict], path: str) -> N
   labels = [short_label(e, keys) for e in entries]
   metrics = [m for m in _metric_columns(entries, rows)[1:]
              if any(isinstance(r.get(m[0]), (int, float)) for r in rows)]
-  ncols = max(1, min(3, len(metrics)))
+  ncols = max(1, min(3 if len(entries) <= 8 else 1, len(metrics)))
   nrows = max(1, math.ceil(len(metrics) / ncols))
   width = max(4.0, 0.45 * len(entries) + 1.5)
   fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, 3.6 * nrows), squeeze=False)
@@ -245,10 +260,10 @@ def plot_metrics(entries: Sequence[Entry], rows: Sequence[dict], path: str) -> N
   for ax, (key, title, _) in zip(axes.flat, metrics):
     values = [r.get(key) for r in rows]
     values = [v if isinstance(v, (int, float)) else np.nan for v in values]
-    ax.bar(range(len(values)), values, color="tab:blue")
+    ax.bar(range(len(values)), values, color=[c for c, _ in _styles(entries, keys)])
     ax.set_xticks(range(len(values)), labels, rotation=60 if len(values) > 4 else 0,
                   ha="right" if len(values) > 4 else "center", fontsize="small")
-    ax.set_title(title)
+    ax.set_title(f"{title} ({_BETTER[key]} is better)")
     ax.grid(axis="y", alpha=0.3)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

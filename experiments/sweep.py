@@ -20,6 +20,7 @@ with their output appended to <workdir>/train.log. A point whose subprocess exit
 import argparse
 from collections.abc import Mapping, Sequence
 import dataclasses
+import difflib
 import importlib
 import importlib.util
 import itertools
@@ -28,6 +29,7 @@ import os
 import posixpath
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -210,11 +212,14 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Mapping[str, A
   for key, value in overrides.items():
     node, path = config, []
     for part in key.split("."):
-      if not isinstance(node, ml_collections.ConfigDict) or part not in node:
-        keys = list(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
-        hint = [".".join(path + [k]) for k in keys]
-        raise SweepError(f"{where}: unknown config key {key!r}; valid keys under "
-                         f"{'.'.join(path) or 'the config'}: {sorted(hint)}.")
+      if not isinstance(node, ml_collections.ConfigDict):
+        raise SweepError(f"{where}: unknown config key {key!r}; {'.'.join(path)} is a field.")
+      if part not in node:
+        close = difflib.get_close_matches(part, list(node.keys()), n=1)
+        valid = sorted(".".join(path + [k]) for k in node.keys())
+        raise SweepError(f"{where}: unknown config key {key!r}"
+                         + (f" (did you mean {'.'.join(path + close)!r}?)" if close else "")
+                         + f"; valid keys: {valid}.")
       parent, node, path = node, node[part], path + [part]
     if isinstance(node, ml_collections.ConfigDict):
       raise SweepError(f"{where}: {key!r} is a group of the config, not a field.")
@@ -306,35 +311,47 @@ def launch_point(command: Sequence[str], workdir: str, echo: bool = True) -> int
     # train.py saves a checkpoint before it exits.
     proc = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
+    def drain() -> int:
       for line in proc.stdout:
         log.write(line)
         if echo:
           sys.stdout.write(line)
       return proc.wait()
+
+    try:
+      return drain()
     except KeyboardInterrupt:
       proc.terminate()
-      proc.wait()
+      drain()  # the run's checkpoint and exit go to the log too
       raise
 
 
-def _write_json(path: str, record: dict) -> None:
-  with open(path, "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, default=str)
+def unfinished(workdir: str, config: ml_collections.ConfigDict) -> str | None:
+  """Why a run is not finished, or None. (On SIGTERM train.py saves and exits 0 early.)"""
+  records = collate.read_metrics(workdir)
+  step, target = (records[-1]["step"] if records else 0), config.training.num_train_steps
+  if step < target:
+    return f"stopped at step {step} of {target}"
+  if (config.training.final_eval_metrics
+      and not os.path.exists(os.path.join(workdir, "eval", f"step_{target}.json"))):
+    return "no final evaluation"
+  return None
 
 
-def _run_point(command: list[str], workdir: str, point: Point, echo: bool) -> bool:
+def _run_point(command: list[str], workdir: str, plan_: Plan, echo: bool) -> str | None:
+  """Runs a point and marks its workdir; returns why it did not finish, or None."""
   start = time.time()
+  os.makedirs(workdir, exist_ok=True)
   rc = launch_point(command, workdir, echo=echo)
-  record = {"returncode": rc, "seconds": round(time.time() - start, 1), "finished": time.time(),
-            "command": command, "overrides": dict(point.overrides)}
-  if rc == 0:
-    _write_json(os.path.join(workdir, DONE_MARKER), record)
-    if os.path.exists(os.path.join(workdir, FAILED_MARKER)):
-      os.remove(os.path.join(workdir, FAILED_MARKER))
-  else:
-    _write_json(os.path.join(workdir, FAILED_MARKER), record)
-  return rc == 0
+  problem = f"exit status {rc}" if rc else unfinished(workdir, plan_.config)
+  record = {"returncode": rc, "problem": problem, "seconds": round(time.time() - start, 1),
+            "finished": time.time(), "command": command, "overrides": dict(plan_.point.overrides)}
+  done, failed = os.path.join(workdir, DONE_MARKER), os.path.join(workdir, FAILED_MARKER)
+  with open(failed if problem else done, "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, default=str)
+  if not problem and os.path.exists(failed):
+    os.remove(failed)
+  return problem
 
 
 def collate_sweep(sweep: Sweep, plans: Sequence[Plan], root: str, out: str) -> list[str]:
@@ -356,7 +373,7 @@ def run_sweep(sweep: Sweep | Mapping[str, Any], *, root: str = DEFAULT_ROOT,
   """Validates every point, then lists, prints, runs and/or collates them (see `main`).
 
   Returns:
-    The names of the points whose subprocess failed in this call.
+    The names of the points run in this call that did not finish.
   """
   sweep = as_sweep(sweep)
   plans = plan(sweep, expand(sweep))
@@ -393,9 +410,10 @@ def run_sweep(sweep: Sweep | Mapping[str, Any], *, root: str = DEFAULT_ROOT,
       continue
     print(f"[{i + 1}/{len(selected)}] {p.point.name} ({status}); log: "
           f"{os.path.join(workdir, LOG_FILE)}", flush=True)
-    if not _run_point([sys.executable, *command[1:]], workdir, p.point, echo):
+    problem = _run_point([sys.executable, *command[1:]], workdir, p, echo)
+    if problem:
       failed.append(p.point.name)
-      print(f"[{i + 1}/{len(selected)}] {p.point.name} FAILED; see "
+      print(f"[{i + 1}/{len(selected)}] {p.point.name} FAILED ({problem}); see "
             f"{os.path.join(workdir, LOG_FILE)}", flush=True)
   if not dry_run:
     collate_sweep(sweep, plans, root, out)
@@ -436,7 +454,15 @@ def main(argv: Sequence[str] | None = None) -> int:
   except SweepError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
+  except KeyboardInterrupt:
+    print("Interrupted; the same command resumes the sweep.", file=sys.stderr)
+    return 130
   return 1 if failed else 0
+
+
+def _interrupt(signum, frame):
+  del signum, frame
+  raise KeyboardInterrupt  # so that a SIGTERM, too, reaches the running point as a SIGTERM
 
 
 if __name__ == "__main__":
@@ -444,4 +470,5 @@ if __name__ == "__main__":
   # This process only checks configs: keep it off the accelerators, whose memory the training
   # subprocesses need (its device count is then 1, so they re-check batch divisibility).
   jax.config.update("jax_platforms", "cpu")
+  signal.signal(signal.SIGTERM, _interrupt)
   sys.exit(main())

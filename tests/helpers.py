@@ -36,6 +36,7 @@ TINY = {
     "training.grid_sampler_steps": 2,
     "training.final_eval_metrics": (),
     "optim.warmup_steps": 5,
+    "sampling.num_steps": 10,  # at most T
     "sampling.batch_size": 8,
     "eval.batch_size": 8,
 }
@@ -85,6 +86,7 @@ def spawned(commands: list[list[str]], env: dict | list[dict], log_dir):
   Output goes to files, not pipes: Orbax logs enough to fill a pipe and block the child.
   """
   envs = env if isinstance(env, list) else [env] * len(commands)
+  os.makedirs(log_dir, exist_ok=True)
   procs = []
   try:
     for i, (command, child_env) in enumerate(zip(commands, envs)):

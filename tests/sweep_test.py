@@ -141,8 +141,9 @@ def test_cli_values_round_trip_through_config_flags():
 def test_bad_point_fails_before_any_point_starts(tmp_path, capsys, no_launch):
   root = tmp_path / "runs"
   # Only the second point is bad; the first must not start either.
-  bad = tiny_sweep(grid={}, points=[{"diffusion.schedule": "linear"},
-                                    {"diffusion.schedule": "cosine", "training.num_train_stepz": 3}])
+  points = [{"diffusion.schedule": "linear"},
+            {"diffusion.schedule": "cosine", "training.num_train_stepz": 3}]
+  bad = tiny_sweep(grid={}, points=points)
   assert sweep_lib.main([f"--sweep={sweep_file(tmp_path, bad)}", f"--root={root}"]) == 2
   err = capsys.readouterr().err
   assert "training.num_train_stepz" in err and "schedule-cosine__num_train_stepz-3" in err
@@ -194,27 +195,38 @@ def test_tpu_launch_prints_a_gcloud_command_per_point(tmp_path, capsys, no_launc
       expected.to_dict())
 
 
-def test_failed_point_is_marked_rerun_and_the_rest_still_run(tmp_path, monkeypatch):
+def test_failed_or_stopped_points_are_marked_and_rerun(tmp_path, monkeypatch):
   root, out = tmp_path / "runs", tmp_path / "results"
   launched = []
 
   def fake_launch(command, workdir, echo=True):
+    """Fails linear's first run and stops cosine's first run early, as a SIGTERM does."""
     del echo
-    launched.append(os.path.basename(workdir))
-    os.makedirs(workdir, exist_ok=True)
     assert command[:3] == [sys.executable, "-m", "ddpm_jax.main"]
-    return 1 if "linear" in workdir and len(launched) == 1 else 0
+    launched.append(os.path.basename(workdir))
+    if len(launched) == 1:
+      return 1
+    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
+    last = 2 if len(launched) == 2 else 4
+    _write_jsonl(os.path.join(workdir, "metrics.jsonl"), [{"step": last, "loss": 1.0}])
+    if last == 4:
+      with open(os.path.join(workdir, "eval", "step_4.json"), "w", encoding="utf-8") as f:
+        json.dump({"step": 4, "digits_frechet_distance": 1.0}, f)
+    return 0
 
   monkeypatch.setattr(sweep_lib, "launch_point", fake_launch)
   kwargs = dict(root=str(root), out=str(out), echo=False)
-  assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == ["schedule-linear"]
+  assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == NAMES
   assert launched == NAMES
-  assert collate.point_status(str(root / "tiny" / "schedule-linear")) == "failed"
-  assert collate.point_status(str(root / "tiny" / "schedule-cosine")) == "done"
+  status = lambda name: collate.point_status(str(root / "tiny" / name))
+  assert status("schedule-linear") == "failed" and status("schedule-cosine") == "failed"
+  marker = json.loads((root / "tiny" / "schedule-cosine" / sweep_lib.FAILED_MARKER).read_text())
+  assert marker["returncode"] == 0 and marker["problem"] == "stopped at step 2 of 4"
   assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == []
-  assert launched == NAMES + ["schedule-linear"]
+  assert launched == NAMES * 2
+  assert status("schedule-linear") == "done" and status("schedule-cosine") == "done"
   assert not (root / "tiny" / "schedule-linear" / sweep_lib.FAILED_MARKER).exists()
-  assert collate.point_status(str(root / "tiny" / "schedule-linear")) == "done"
+  assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == [] and launched == NAMES * 2
 
 
 def _write_jsonl(path, records):
@@ -245,11 +257,11 @@ def test_collate_resumed_partial_and_missing_points(tmp_path):
   linear, cosine = rows
   assert linear["schedule"] == "linear" and linear["status"] == "done"
   assert linear["steps"] == "8"
-  assert float(linear["loss"]) == pytest.approx((100 + 100 + 6 + 8) / 4)
+  assert float(linear["final_loss"]) == pytest.approx((100 + 100 + 6 + 8) / 4)
   assert float(linear["digits_frechet_distance"]) == 3.5 and linear["bpd_total"] == "-"
   assert cosine["status"] == "pending"
-  assert {cosine[k] for k in ("steps", "loss", "digits_frechet_distance", "samples_per_sec")} == {
-      "-"}
+  missing = ("steps", "final_loss", "digits_frechet_distance", "samples_per_sec")
+  assert {cosine[k] for k in missing} == {"-"}
   md = (out / "s.md").read_text()
   assert "| linear | done | 8 |" in md and "| cosine | pending | - |" in md
 
@@ -277,7 +289,7 @@ def test_end_to_end_writes_results_and_rerun_skips(tmp_path, monkeypatch, capsys
     assert row["status"] == "done" and row["steps"] == "4"
     assert float(row["digits_frechet_distance"]) > 0
     assert 1 <= float(row["digits_inception_score"]) <= 10
-    assert float(row["samples_per_sec"]) > 0 and float(row["loss"]) > 0
+    assert float(row["samples_per_sec"]) > 0 and float(row["final_loss"]) > 0
   md = (out / "tiny.md").read_text()
   assert "digits FD" in md and "| linear | done | 4 |" in md and "| cosine | done | 4 |" in md
   for kind in ("log_snr", "loss_curves", "metrics"):

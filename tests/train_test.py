@@ -6,6 +6,7 @@ Each `train_and_evaluate` call costs several seconds of compiling, so one 20-ste
 
 import json
 import os
+import re
 import struct
 
 import jax
@@ -84,13 +85,18 @@ def test_one_and_four_devices_train_the_same_model():
   assert moved > 1e-4
   assert int(state_1.step) == int(state_n.step) == 3
   np.testing.assert_array_equal(state_n.rng, state_1.rng)
-  # Only the summation order differs (per-device partial sums, then a pmean), so the float32
-  # results agree to rounding: rtol 1e-5, atol 1e-6 (Adam can turn a rounding-level gradient
-  # difference into up to ~lr * 1e-4 on entries whose gradient is near zero).
-  for name in ("params", "ema_params", "opt_state"):
+  # Only the summation order differs (per-device partial sums, then a pmean), so everything
+  # agrees to float32 rounding (rtol 1e-5, atol 1e-6) except the params: Adam divides by
+  # sqrt(v), so on entries whose gradient is near zero (some biases) rounding noise becomes a
+  # visible update, sign included (7.8e-7 here). An Adam step moves an entry by up to about lr,
+  # and a wrong gradient would be off by that much, so the params get an absolute tolerance
+  # of 1% of the summed learning rates (6e-6).
+  schedule = train_state_lib.learning_rate_schedule(config.optim)
+  params_atol = 0.01 * sum(float(schedule(i)) for i in range(len(images)))
+  for name, atol in (("params", params_atol), ("ema_params", 1e-6), ("opt_state", 1e-6)):
     expected = _leaves(getattr(state_1, name))
     for key, value in _leaves(getattr(state_n, name)).items():
-      np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=1e-6,
+      np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=atol,
                                  err_msg=f"{name}{key}")
   for metrics_1, metrics_n in zip(history_1, history_n):
     assert metrics_1.keys() == metrics_n.keys()
@@ -230,7 +236,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   with pytest.raises(train.NonFiniteLossError, match=r"at step 3\b") as error:
     train.train_and_evaluate(config, workdir)
 
-  assert "checkpoint is step 2" in str(error.value)
+  assert re.search(r"\bstep 2\b", str(error.value))  # the newest good checkpoint
   # Right after the error, as a process exiting on it would leave it: step 2 is committed
   # (no temporary directory), and nothing from step 3 on was saved.
   assert checkpoint_entries(workdir) == ["2"]
@@ -249,8 +255,9 @@ def test_batch_that_does_not_divide_over_devices_fails_before_compiling(tmp_path
   config = tiny_config(**{"training.batch_size": 6})
   with pytest.raises(ValueError, match=r"batch_size=6.*divi") as error:
     train.train_and_evaluate(config, str(tmp_path / "run"))
-  suggested = int(error.value.args[0].split("--config.training.batch_size=")[1].split(".")[0])
-  assert suggested > 0 and suggested % NUM_DEVICES == 0
+  suggested = re.search(r"--config\.training\.batch_size=(\d+)", str(error.value))
+  assert suggested, error.value
+  assert int(suggested.group(1)) > 0 and int(suggested.group(1)) % NUM_DEVICES == 0
   assert not os.path.exists(tmp_path / "run")
 
 

@@ -1,0 +1,65 @@
+"""End-to-end tests of the command line, `python -m ddpm_jax.main`, run as a subprocess."""
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+from helpers import checkpoint_entries
+from helpers import main_command
+from helpers import read_log
+from helpers import read_metrics
+from helpers import REPO_ROOT
+from helpers import spawned
+from helpers import subprocess_env
+from helpers import wait_all
+
+NEVER = 100_000  # a step count the runs below never reach
+
+
+def test_misspelt_config_key_fails_before_anything_runs(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(main_command(workdir, "--config.training.batch_szie=8"),
+                          env=subprocess_env(1), cwd=REPO_ROOT, capture_output=True, text=True,
+                          timeout=120, check=False)
+  assert result.returncode != 0
+  assert "batch_szie" in result.stderr
+  assert "batch_size" in result.stderr  # ml_collections suggests the key that exists
+  assert not os.path.exists(workdir)
+
+
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_the_run_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  env = subprocess_env(4)
+  # No periodic checkpoint: the only one must come from the SIGTERM.
+  overrides = {"training.num_train_steps": NEVER, "training.checkpoint_every": NEVER}
+  with spawned([main_command(workdir, **overrides)], env, tmp_path / "first") as (proc,):
+    # A metrics line is written inside the train loop, where SIGTERM is handled.
+    deadline = time.monotonic() + 240
+    while not read_metrics(workdir):
+      assert proc.poll() is None, read_log(tmp_path / "first")[-5000:]
+      assert time.monotonic() < deadline, "no metrics line within 240 s"
+      time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    (code,) = wait_all([proc], timeout=120)
+  log = read_log(tmp_path / "first")
+  assert code == 0, log[-5000:]
+  match = re.search(r"SIGTERM received: saved step (\d+)", log)
+  assert match, log[-5000:]
+  saved = int(match.group(1))
+  assert 5 <= saved < NEVER
+  assert checkpoint_entries(workdir) == [str(saved)]
+  logged = read_metrics(workdir)
+  assert logged[-1]["step"] == saved
+
+  # A restarted job continues from the SIGTERM checkpoint, data iterator included.
+  resume_to = saved + 3
+  overrides["training.num_train_steps"] = resume_to
+  with spawned([main_command(workdir, **overrides)], env, tmp_path / "second") as procs:
+    codes = wait_all(procs, timeout=240)
+  assert codes == [0], read_log(tmp_path / "second")[-5000:]
+  new_lines = read_metrics(workdir)[len(logged):]
+  assert new_lines and new_lines[-1]["step"] == resume_to
+  assert all(line["step"] > saved for line in new_lines)  # it did not start over
+  assert checkpoint_entries(workdir) == sorted([str(saved), str(resume_to)])
