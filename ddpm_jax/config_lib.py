@@ -41,8 +41,13 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _check("model.dtype", config.model.dtype, MODEL_DTYPES)
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
   _check("sampling.spacing", config.sampling.spacing, sampling.SPACINGS)
-  for name in (*config.eval.metrics, *config.training.final_eval_metrics):
+  eval_metrics = (*config.eval.metrics, *config.training.final_eval_metrics)
+  for name in eval_metrics:
     _check("eval metric", name, EVAL_METRICS)
+  if "digits_score" in eval_metrics and config.data.dataset != "digits":
+    raise ValueError(
+        f"Eval metric 'digits_score' scores 8x8 digits only (dataset {config.data.dataset!r}); use "
+        "'fid', or drop it from --config.eval.metrics / --config.training.final_eval_metrics.")
   if d.num_timesteps < 2:
     raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
   if d.zero_terminal_snr and d.model_output == "eps":

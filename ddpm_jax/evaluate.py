@@ -72,7 +72,7 @@ def _load_params(config, workdir, mesh, model):
   return params, step
 
 
-def draw_samples(config, sample_fn, params, num_samples: int, *, with_trajectory=False):
+def draw_samples(config, sample_fn, params, num_samples: int):
   """`num_samples` samples in global batches of `sampling.batch_size`, one rng per batch."""
   rng = jax.random.PRNGKey(config.sampling.seed)
   out, traj = [], None
@@ -91,7 +91,7 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   s = config.sampling
   sample_fn = make_sample_fn(config, model, tables, mesh,
                              trajectory_every=s.trajectory_every)
-  samples, traj = draw_samples(config, sample_fn, params, s.num_samples, with_trajectory=True)
+  samples, traj = draw_samples(config, sample_fn, params, s.num_samples)
   name = f"{s.sampler}_{s.num_steps if s.sampler != 'ancestral' else config.diffusion.num_timesteps}"
   out_dir = os.path.join(workdir, "samples")
   path = os.path.join(out_dir, f"{name}_step{step}.npz")
@@ -125,6 +125,7 @@ def bits_per_dim(config, model, tables, mesh, params) -> dict:
   for i, batch in enumerate(input_pipeline.create_eval_iterator(config)):
     x0 = jax.make_array_from_process_local_data(sharding, batch["image"])
     mask = _to_host(jax.make_array_from_process_local_data(sharding, batch["mask"]))
+    mask = mask & (np.cumsum(mask) <= limit - count)  # score exactly `bpd_num_examples` examples
     terms = {k: _to_host(v) for k, v in batch_vlb(params, x0, jax.random.fold_in(rng, i)).items()}
     for k, v in terms.items():
       totals[k] = totals.get(k, 0.0) + float(np.sum(v[mask]))
@@ -141,7 +142,9 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
   needs_samples = {"fid", "digits_score"} & set(metrics)
   if needs_samples:
     sample_fn = make_sample_fn(config, model, tables, mesh)
-    sample_fn(params, jax.random.PRNGKey(0), config.sampling.batch_size)  # compile outside timing
+    s = config.sampling
+    for n in {min(s.batch_size, s.num_samples), s.num_samples % s.batch_size or s.batch_size}:
+      sample_fn(params, jax.random.PRNGKey(0), n)  # compile every batch shape outside the timing
     start = time.perf_counter()
     samples, _ = draw_samples(config, sample_fn, params, config.sampling.num_samples)
     report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)

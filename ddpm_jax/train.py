@@ -16,6 +16,7 @@ from configs import base as base_config
 from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import evaluate
+from ddpm_jax import fid_eval
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax import logging_lib
@@ -63,6 +64,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       workdir is resumed from its newest complete checkpoint.
   """
   config_lib.validate_config(config)  # every bad choice fails here, before any compile
+  if "fid" in config.training.final_eval_metrics:
+    fid_eval.check_inception_weights(config)  # now, not after hours of training
   tc = config.training
   mesh = train_step_lib.make_mesh()
   model = models.create_model(config)

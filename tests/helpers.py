@@ -11,10 +11,15 @@ import subprocess
 import sys
 import time
 
+import jax
 import ml_collections
 
 from configs import cifar10
 from configs import digits
+from ddpm_jax import checkpointing
+from ddpm_jax import models
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -133,3 +138,17 @@ def read_metrics(workdir) -> list[dict]:
 def checkpoint_entries(workdir) -> list[str]:
   """Every entry of `workdir/checkpoints`, complete step directories and temporary ones."""
   return sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+
+
+def restore_state(config, workdir, data_iter=None, step: int | None = None):
+  """The full TrainState of a checkpoint (the newest by default) as NumPy arrays.
+
+  `data_iter`, when given, is moved to the position saved with it.
+  """
+  target = train_state_lib.create_train_state(config, models.create_model(config),
+                                              train_step_lib.make_mesh())
+  manager = checkpointing.create_manager(workdir, max_to_keep=None, read_only=True)
+  try:
+    return jax.device_get(checkpointing.restore(manager, target, data_iter, step=step))
+  finally:
+    manager.close()

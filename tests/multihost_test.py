@@ -1,12 +1,15 @@
-"""A 2-process run of `python -m ddpm_jax.main` over loopback (gloo collectives on CPU).
+"""Two processes of `python -m ddpm_jax.main` over loopback (gloo collectives on CPU).
 
 Each process has 2 simulated CPU devices, so the mesh spans 4 devices over 2 processes, as on
-two hosts. The first run trains and checkpoints; a second job resumes it.
+two hosts. A first job trains and checkpoints; a second one resumes it and is then stopped by
+a SIGTERM sent to one process only, which both must act on at the same step.
 """
 
 import json
 import os
 import re
+import signal
+import time
 
 import portpicker
 
@@ -19,21 +22,24 @@ from helpers import subprocess_env
 from helpers import wait_all
 
 NUM_PROCESSES = 2
+NEVER = 100_000  # a step count the jobs below never reach
 TIMEOUT_S = 300  # per job; generous because both processes compile on a shared 2-core machine
 
 
-def _run_job(workdir, log_dir, num_train_steps: int) -> list[str]:
-  """Runs one 2-process job to completion and returns each process's log."""
+def _commands(workdir, num_train_steps: int, checkpoint_every: int) -> list[list[str]]:
   port = portpicker.pick_unused_port()
-  commands = [
-      main_command(workdir, f"--coordinator_address=127.0.0.1:{port}",
-                   f"--num_processes={NUM_PROCESSES}", f"--process_id={i}",
-                   **{"training.num_train_steps": num_train_steps,
-                      "training.checkpoint_every": 2, "training.log_every": 2})
-      for i in range(NUM_PROCESSES)]
-  with spawned(commands, subprocess_env(2), log_dir) as procs:
-    codes = wait_all(procs, TIMEOUT_S)
-  logs = [read_log(log_dir, i) for i in range(NUM_PROCESSES)]
+  return [main_command(workdir, f"--coordinator_address=127.0.0.1:{port}",
+                       f"--num_processes={NUM_PROCESSES}", f"--process_id={index}",
+                       **{"training.num_train_steps": num_train_steps,
+                          "training.checkpoint_every": checkpoint_every,
+                          "training.log_every": 2})
+          for index in range(NUM_PROCESSES)]
+
+
+def _finish(procs, log_dir) -> list[str]:
+  """Waits for every process to exit 0 and returns their logs."""
+  codes = wait_all(procs, TIMEOUT_S)
+  logs = [read_log(log_dir, index) for index in range(NUM_PROCESSES)]
   assert codes == [0] * NUM_PROCESSES, "\n\n".join(log[-4000:] for log in logs)
   return logs
 
@@ -49,21 +55,22 @@ def _data_states(workdir, step: int) -> dict:
   return states
 
 
-def _final_loss(log: str, step: int) -> str:
-  match = re.search(rf"step {step}/{step} .*?loss=(\S+)", log)
+def _logged_loss(log: str, step: int) -> str:
+  match = re.search(rf"step {step}/\d+ .*?loss=(\S+)", log)
   assert match, log[-4000:]
   return match.group(1)
 
 
-def test_two_processes_train_checkpoint_and_resume(tmp_path):
-  workdir = tmp_path / "run"
-  logs = _run_job(workdir, tmp_path / "first", num_train_steps=4)
+def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
+  workdir, env = tmp_path / "run", subprocess_env(2)
+  with spawned(_commands(workdir, 4, checkpoint_every=2), env, tmp_path / "first") as procs:
+    logs = _finish(procs, tmp_path / "first")
 
   for index, log in enumerate(logs):
     assert re.search(r"4 devices over 2 process", log), log[-4000:]
     assert re.search(rf"this is process {index} with 2 local devices", log), log[-4000:]
   # Metrics are pmean-ed over all 4 devices, so both processes log the same loss.
-  assert _final_loss(logs[0], 4) == _final_loss(logs[1], 4)
+  assert _logged_loss(logs[0], 4) == _logged_loss(logs[1], 4)
   assert [line["step"] for line in read_metrics(workdir)] == [2, 4]  # process 0 writes alone
   assert checkpoint_entries(workdir) == ["2", "4"]
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")
@@ -73,13 +80,29 @@ def test_two_processes_train_checkpoint_and_resume(tmp_path):
   assert list(first) == ["process_0-of-2.json", "process_1-of-2.json"]
   for index, state in enumerate(first.values()):
     assert f"shard_index={index}, shard_count=2" in state["sampler"]
-  positions = [state["last_seen_indices"] for state in first.values()]
-  assert positions[0] != positions[1]
+  assert first["process_0-of-2.json"]["last_seen_indices"] != (
+      first["process_1-of-2.json"]["last_seen_indices"])
 
-  logs = _run_job(workdir, tmp_path / "second", num_train_steps=6)
-  assert [line["step"] for line in read_metrics(workdir)] == [2, 4, 6]  # resumed at 4
-  assert checkpoint_entries(workdir) == ["2", "4", "6"]
-  second = _data_states(workdir, 6)
+  # The second job resumes at 4; once it is training, only process 1 gets a SIGTERM.
+  log_dir = tmp_path / "second"
+  with spawned(_commands(workdir, NEVER, checkpoint_every=NEVER), env, log_dir) as procs:
+    deadline = time.monotonic() + TIMEOUT_S
+    while len(read_metrics(workdir)) < 3:
+      assert all(proc.poll() is None for proc in procs), read_log(log_dir, 0)[-4000:]
+      assert time.monotonic() < deadline, f"no new metrics line within {TIMEOUT_S} s"
+      time.sleep(0.2)
+    procs[1].send_signal(signal.SIGTERM)
+    logs = _finish(procs, log_dir)
+
+  assert read_metrics(workdir)[2]["step"] == 6  # it went on from step 4
+  saved = []
+  for log in logs:
+    match = re.search(r"SIGTERM received: saved step (\d+)", log)
+    assert match, log[-4000:]
+    saved.append(int(match.group(1)))
+  assert saved[0] == saved[1] > 4, saved
+  assert checkpoint_entries(workdir) == sorted(["2", "4", str(saved[0])])
+  second = _data_states(workdir, saved[0])
   assert list(second) == list(first)
   for name, state in second.items():
     # Each iterator went on from its saved position rather than starting over.

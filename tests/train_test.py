@@ -16,7 +16,6 @@ import pytest
 from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
-from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
@@ -26,6 +25,7 @@ from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 from helpers import checkpoint_entries
 from helpers import read_metrics
+from helpers import restore_state
 from helpers import tiny_config
 
 NUM_DEVICES = 4  # set by conftest.py
@@ -42,17 +42,6 @@ def _make_state_and_step(config, mesh):
       ema_decay=config.training.ema_decay,
       learning_rate=train_state_lib.learning_rate_schedule(config.optim), mesh=mesh)
   return state, step
-
-
-def _restore_state(config, workdir, step=None):
-  """The full TrainState of a checkpoint (the newest by default), as NumPy arrays."""
-  target = train_state_lib.create_train_state(config, models.create_model(config),
-                                              train_step_lib.make_mesh())
-  manager = checkpointing.create_manager(workdir, max_to_keep=None, read_only=True)
-  try:
-    return jax.device_get(checkpointing.restore(manager, target, step=step))
-  finally:
-    manager.close()
 
 
 def _leaves(tree) -> dict:
@@ -125,8 +114,8 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(reference_run, tmp_
   # It resumed at 10 rather than starting over: each logged step appears once.
   assert [m["step"] for m in read_metrics(workdir)] == [5, 10, 15, 20]
   assert checkpoint_entries(workdir) == checkpoint_entries(reference_dir) == ["10", "20"]
-  expected = _leaves(_restore_state(config, reference_dir))
-  resumed = _leaves(_restore_state(config, workdir))
+  expected = _leaves(restore_state(config, reference_dir))
+  resumed = _leaves(restore_state(config, workdir))
   assert resumed.keys() == expected.keys()
   assert any(".ema_params" in key for key in resumed)
   for key, value in resumed.items():
@@ -240,7 +229,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
   # Right after the error, as a process exiting on it would leave it: step 2 is committed
   # (no temporary directory), and nothing from step 3 on was saved.
   assert checkpoint_entries(workdir) == ["2"]
-  state = _restore_state(config, workdir)
+  state = restore_state(config, workdir)
   assert int(state.step) == 2
   for key, value in {**_leaves(state.params), **_leaves(state.ema_params)}.items():
     assert np.all(np.isfinite(value)), key
