@@ -6,10 +6,10 @@ into a temporary directory and renames it when complete, so a crash mid-save lea
 checkpoint as the newest complete one; `latest_step()` never returns a partial save.
 """
 
-import os
 import signal
 import threading
 
+from etils import epath
 import grain
 import jax
 import numpy as np
@@ -18,8 +18,10 @@ import orbax.checkpoint as ocp
 from ddpm_jax.train_state import TrainState
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), "checkpoints")
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """<workdir>/checkpoints; a cloud path (gs://...) stays one, so every host sees one directory."""
+  path = epath.Path(workdir)
+  return (path if "://" in str(workdir) else path.resolve()) / "checkpoints"
 
 
 def create_manager(workdir: str, *, max_to_keep: int | None = 3,

@@ -48,6 +48,9 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
     raise ValueError(
         f"Eval metric 'digits_score' scores 8x8 digits only (dataset {config.data.dataset!r}); use "
         "'fid', or drop it from --config.eval.metrics / --config.training.final_eval_metrics.")
+  for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
+    if config.training[key] <= 0:
+      raise ValueError(f"training.{key} must be positive, got {config.training[key]}.")
   if d.num_timesteps < 2:
     raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
   if d.zero_terminal_snr and d.model_output == "eps":

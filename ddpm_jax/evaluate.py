@@ -10,6 +10,7 @@ import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -72,15 +73,20 @@ def _load_params(config, workdir, mesh, model):
   return params, step
 
 
-def draw_samples(config, sample_fn, params, num_samples: int):
-  """`num_samples` samples in global batches of `sampling.batch_size`, one rng per batch."""
+def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=None):
+  """`num_samples` samples in global batches of `sampling.batch_size`, one rng per batch.
+
+  `first_batch_fn` (a sampler that records its trajectory) draws the first batch, if given;
+  its trajectory is returned, so only one batch pays for recording and gathering it.
+  """
   rng = jax.random.PRNGKey(config.sampling.seed)
   out, traj = [], None
   for i in range(-(-num_samples // config.sampling.batch_size)):
     n = min(config.sampling.batch_size, num_samples - i * config.sampling.batch_size)
-    x0, t = sample_fn(params, jax.random.fold_in(rng, i), n)
+    fn = first_batch_fn if (i == 0 and first_batch_fn is not None) else sample_fn
+    x0, t = fn(params, jax.random.fold_in(rng, i), n)
     out.append(images.to_uint8(x0))
-    traj = t if traj is None else traj
+    traj = t if i == 0 else traj
   return np.concatenate(out), traj
 
 
@@ -89,22 +95,28 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   mesh, model, tables = _setup(config)
   params, step = _load_params(config, workdir, mesh, model)
   s = config.sampling
-  sample_fn = make_sample_fn(config, model, tables, mesh,
-                             trajectory_every=s.trajectory_every)
-  samples, traj = draw_samples(config, sample_fn, params, s.num_samples)
-  name = f"{s.sampler}_{s.num_steps if s.sampler != 'ancestral' else config.diffusion.num_timesteps}"
-  out_dir = os.path.join(workdir, "samples")
-  path = os.path.join(out_dir, f"{name}_step{step}.npz")
+  sample_fn = make_sample_fn(config, model, tables, mesh)
+  traj_fn = make_sample_fn(config, model, tables, mesh, trajectory_every=s.trajectory_every)
+  samples, traj = draw_samples(config, sample_fn, params, s.num_samples, first_batch_fn=traj_fn)
+  stem = epath.Path(workdir) / "samples" / f"{sampler_label(config)}_step{step}"
+  path = stem.with_suffix(".npz")
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    np.savez_compressed(path, samples=samples)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      np.savez_compressed(f, samples=samples)
     scale = max(1, 128 // config.data.image_size)
-    images.save_png(os.path.join(out_dir, f"{name}_step{step}.png"),
-                    images.make_grid(samples[:100]), scale=scale)
+    images.save_png(stem.with_suffix(".png"), images.make_grid(samples[:100]), scale=scale)
     if traj is not None:
-      images.save_trajectory_figure(os.path.join(out_dir, f"{name}_step{step}_trajectory.png"), traj)
+      images.save_trajectory_figure(stem.parent / f"{stem.name}_trajectory.png", traj)
   logging.info("Wrote %d samples to %s.", len(samples), path)
-  return path
+  return str(path)
+
+
+def sampler_label(config) -> str:
+  """e.g. 'ddim_50', or 'ancestral_1000' (ancestral sampling always takes all T steps)."""
+  s = config.sampling
+  steps = config.diffusion.num_timesteps if s.sampler == "ancestral" else s.num_steps
+  return f"{s.sampler}_{steps}"
 
 
 def bits_per_dim(config, model, tables, mesh, params) -> dict:
@@ -149,7 +161,7 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
     samples, _ = draw_samples(config, sample_fn, params, config.sampling.num_samples)
     report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)
     report["num_samples"] = len(samples)
-    report["sampler"] = f"{config.sampling.sampler}/{config.sampling.num_steps}"
+    report["sampler"] = sampler_label(config)
   if "digits_score" in metrics:
     from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
     score = digits_classifier.digits_score(samples, cache_dir=_cache_dir())
@@ -161,9 +173,9 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
     report.update(bits_per_dim(config, model, tables, mesh, params))
   logging.info("Evaluation at step %d:\n%s", step, json.dumps(report, indent=2, default=str))
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", f"step_{step}.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, default=str)
+    path = epath.Path(workdir) / "eval" / f"step_{step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
   return report
 
 

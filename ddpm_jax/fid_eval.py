@@ -6,9 +6,9 @@ reference statistics over the *whole* `config.eval.fid_split` (the eval iterator
 example), cached per dataset/split/resolution so later evaluations only embed the samples.
 """
 
-import os
 
 from absl import logging
+from etils import epath
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -25,7 +25,7 @@ _FEATURE_BATCH = 200
 def check_inception_weights(config: ml_collections.ConfigDict) -> str:
   """The weights path, or a FileNotFoundError that says how to make the file."""
   path = config.eval.inception_weights
-  if not path or not os.path.exists(path):
+  if not path or not epath.Path(path).exists():
     raise FileNotFoundError(
         f"FID needs the Inception weights file (--config.eval.inception_weights={path!r} not "
         "found). Make it once on a machine with internet: download pytorch-fid's "
@@ -39,10 +39,15 @@ def check_inception_weights(config: ml_collections.ConfigDict) -> str:
 def reference_stats(config, workdir: str, feature_fn) -> fid.FeatureStats:
   """pool3 statistics of every example of `config.eval.fid_split`, cached as .npz."""
   d = config.data
-  cache_dir = config.eval.fid_stats_dir or os.path.join(workdir, "fid_stats")
-  path = os.path.join(cache_dir, f"{d.dataset}_{config.eval.fid_split}_{d.image_size}.npz")
-  if os.path.exists(path):
-    return fid.FeatureStats.load(path)
+  cache_dir = epath.Path(config.eval.fid_stats_dir or epath.Path(workdir) / "fid_stats")
+  path = cache_dir / f"{d.dataset}_{config.eval.fid_split}_{d.image_size}.npz"
+  cached = path.exists()
+  if jax.process_count() > 1:
+    # Every process must take the same branch: the other one holds collectives.
+    cached = bool(np.all(multihost_utils.process_allgather(np.array(cached))))
+  if cached:
+    with path.open("rb") as f:
+      return fid.FeatureStats.load(f)
   acc = fid.FeatureStatsAccumulator()
   for batch in input_pipeline.create_eval_iterator(config, split=config.eval.fid_split):
     local = feature_fn(images.to_uint8(batch["image"]))["pool3"]
@@ -54,8 +59,9 @@ def reference_stats(config, workdir: str, feature_fn) -> fid.FeatureStats:
   logging.info("Reference statistics over all %d examples of %s/%s.", stats.n, d.dataset,
                config.eval.fid_split)
   if jax.process_index() == 0:
-    os.makedirs(cache_dir, exist_ok=True)
-    stats.save(path)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with path.open("wb") as f:
+      stats.save(f)
   return stats
 
 

@@ -1,8 +1,8 @@
 """Turning model outputs in [-1, 1] into uint8 images, grids, PNGs and trajectory figures."""
 
 import math
-import os
 
+from etils import epath
 import numpy as np
 from PIL import Image
 
@@ -28,11 +28,13 @@ def make_grid(images: np.ndarray, ncol: int | None = None, pad: int = 1) -> np.n
 
 def save_png(path: str, image: np.ndarray, scale: int = 1) -> None:
   """Saves an HWC uint8 image, upscaled by `scale` with nearest neighbours (for 8x8 digits)."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   img = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
   if scale > 1:
     img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
-  img.save(path)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    img.save(f, format="PNG")
 
 
 def save_trajectory_figure(path: str, trajectory: dict, num_examples: int = 8) -> None:
@@ -53,6 +55,8 @@ def save_trajectory_figure(path: str, trajectory: dict, num_examples: int = 8) -
     ax.set_title(f"{title}; columns: t = {', '.join(str(int(t) + 1) for t in ts)}", fontsize=8)
     ax.axis("off")
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  fig.savefig(path, dpi=100)
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    fig.savefig(f, format="png", dpi=100)
   plt.close(fig)

@@ -191,7 +191,10 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
           f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
           f"each device needs an equal share. Set --config.{key}={fix} (any multiple of "
           f"{num_devices}).")
-  for split in dict.fromkeys((data.train_split, data.eval_split)):
+  splits = [data.train_split, data.eval_split]
+  if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
+    splits.append(config.eval.fid_split)
+  for split in dict.fromkeys(splits):
     _open_source(data.dataset, split, data.data_dir)
 
 

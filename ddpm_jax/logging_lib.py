@@ -5,10 +5,10 @@ branch on the process index.
 """
 
 import json
-import os
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import numpy as np
 
@@ -22,9 +22,10 @@ class MetricWriter:
     self._jsonl = None
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tb"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      workdir = epath.Path(workdir)
+      workdir.mkdir(parents=True, exist_ok=True)
+      self._tb = SummaryWriter(str(workdir / "tb"))
+      self._jsonl = (workdir / "metrics.jsonl").open("a")
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:

@@ -4,10 +4,11 @@ Runs on every device of every host, resumes from the newest complete checkpoint 
 `workdir/checkpoints`, saves on SIGTERM, and refuses to save (or continue) after a non-finite loss.
 """
 
-import os
+import contextlib
 import time
 
 from absl import logging
+from etils import epath
 import jax
 import ml_collections
 import numpy as np
@@ -45,11 +46,16 @@ def _log_startup(config, mesh, state) -> None:
 
 
 def _fetch_checked(step: int, metrics, manager) -> dict:
-  """Brings a step's metrics to the host; a non-finite loss ends the run, naming the step."""
+  """Brings a step's metrics to the host; a non-finite loss ends the run, naming the step.
+
+  The gradient norm is checked too: the loss is computed before the update, so a finite loss
+  with non-finite gradients would otherwise let NaN params through to the next checkpoint.
+  """
   metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  if not np.isfinite(metrics["loss"]):
+  bad = {k: metrics[k] for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])}
+  if bad:
     raise NonFiniteLossError(
-        f"Non-finite loss ({metrics['loss']}) at step {step}. Nothing was saved after it: the "
+        f"Non-finite {bad} at step {step}. Nothing was saved after it: the "
         f"newest good checkpoint is step {manager.latest_step()} in {manager.directory}. Try a "
         "lower --config.optim.lr, gradient clipping, or float32 compute.")
   return metrics
@@ -72,9 +78,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   tables = config_lib.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config_lib.config_to_json(config))
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    (epath.Path(workdir) / "config.json").write_text(config_lib.config_to_json(config))
   _log_startup(config, mesh, state)
 
   data_iter = input_pipeline.create_train_iterator(config)
@@ -96,7 +101,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   t_log = time.perf_counter()
   step_at_log = step
 
-  with checkpointing.PreemptionGuard() as guard:
+  with checkpointing.PreemptionGuard() as guard, _finish_saves(manager):
     while step < tc.num_train_steps:
       batch = next(data_iter)
       batch = {"image": batch["image"], "preempt": guard.local_flags(local_devices)}
@@ -126,7 +131,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         logging.warning("SIGTERM received: saved step %d, exiting cleanly.", step)
         break
 
-  manager.wait_until_finished()
   manager.close()
   report = {"step": step, "preempted": preempted, **last}
   if tc.final_eval_metrics and step == tc.num_train_steps:
@@ -136,11 +140,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   return report
 
 
+@contextlib.contextmanager
+def _finish_saves(manager):
+  """Commits an in-flight async save even when the loop ends with an error (e.g. a NaN)."""
+  try:
+    yield
+  finally:
+    manager.wait_until_finished()
+
+
 def _write_grid(config, workdir, writer, sampler, state, step) -> None:
   n = config.training.num_grid_samples
   samples, _ = sampler(state.ema_params, jax.random.PRNGKey(config.sampling.seed), n)
   grid = images.make_grid(images.to_uint8(samples))
   if jax.process_index() == 0:
     scale = max(1, 128 // config.data.image_size)
-    images.save_png(os.path.join(workdir, "samples", f"grid_{step:08d}.png"), grid, scale=scale)
+    images.save_png(epath.Path(workdir) / "samples" / f"grid_{step:08d}.png", grid, scale=scale)
     writer.write_image(step, "samples_ema", grid)

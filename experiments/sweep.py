@@ -294,7 +294,8 @@ def shell_join(argv: Sequence[str]) -> str:
 
 def tpu_command(command: Sequence[str], tpu_name: str, zone: str) -> str:
   """One gcloud line that runs `command` on every worker of a TPU pod slice."""
-  inner = f"cd {TPU_REPO_DIR} && {shell_join(command)}"
+  # --multihost=on: every worker joins jax.distributed (a TPU VM slice has no env to detect).
+  inner = f"cd {TPU_REPO_DIR} && {shell_join([*command, '--multihost=on'])}"
   inner = re.sub(r'([\\"$`])', r"\\\1", inner)
   return (f"gcloud compute tpus tpu-vm ssh {tpu_name} --zone={zone} --worker=all "
           f'--command="{inner}"')

@@ -172,7 +172,7 @@ def test_eval_bpd_components_sum_to_the_total(eval_report):
 def test_eval_digits_score_covers_every_sample(eval_report):
   assert eval_report["step"] == STEP
   assert eval_report["num_samples"] == NUM_SAMPLES
-  assert eval_report["sampler"] == "ddim/3"
+  assert eval_report["sampler"] == "ddim_3"
   histogram = eval_report["digits_class_histogram"]
   assert len(histogram) == 10
   assert sum(histogram) == NUM_SAMPLES

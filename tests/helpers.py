@@ -51,9 +51,11 @@ _GET_CONFIG = {"digits": digits.get_config, "cifar10": cifar10.get_config}
 
 
 def tiny_config(name: str = "digits", **overrides) -> ml_collections.ConfigDict:
-  """configs/<name>.py with `TINY` applied, then `overrides` (flat dotted keys, e.g.
+  """configs/<name>.py with `TINY` and then `overrides` applied.
 
-  tiny_config(**{"training.num_train_steps": 3})).
+  Args:
+    name: 'digits' or 'cifar10'.
+    **overrides: flat dotted keys, e.g. `**{"training.num_train_steps": 3}`.
   """
   config = _GET_CONFIG[name]()
   config.update_from_flattened_dict({**TINY, **overrides})
@@ -66,37 +68,52 @@ def _flag_value(value) -> str:
 
 
 def main_command(workdir, *flags: str, name: str = "digits", **overrides) -> list[str]:
-  """`python -m ddpm_jax.main` on the tiny config; `overrides` use flat dotted keys."""
+  """The command line of `python -m ddpm_jax.main --mode=train` on `tiny_config(name, ...)`.
+
+  Args:
+    workdir: the run's --workdir.
+    *flags: further flags, e.g. "--process_id=1".
+    name: 'digits' or 'cifar10'.
+    **overrides: config overrides with flat dotted keys, as in `tiny_config`.
+  """
   settings = {**TINY, **overrides}
   return [sys.executable, "-m", "ddpm_jax.main",
           f"--config={os.path.join(REPO_ROOT, _CONFIG_FILES[name])}", f"--workdir={workdir}",
           *(f"--config.{k}={_flag_value(v)}" for k, v in settings.items()), *flags]
 
 
-def subprocess_env(num_devices: int) -> dict:
+def subprocess_env(num_devices: int, compilation_cache_dir=None) -> dict:
   """A child JAX process on `num_devices` simulated CPU devices with fast compiles.
 
   Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out.
+
+  Args:
+    num_devices: simulated CPU devices of the child.
+    compilation_cache_dir: a persistent compilation cache for every program, so that a job
+      that runs again (a resume) loads what the first one compiled.
   """
   env = dict(os.environ)
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
              JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
+  if compilation_cache_dir is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 
 @contextlib.contextmanager
-def spawned(commands: list[list[str]], env: dict | list[dict], log_dir):
+def spawned(commands: list[list[str]], env: dict, log_dir):
   """Starts every command, logging each to `log_dir/proc<i>.log`; kills survivors on exit.
 
   Output goes to files, not pipes: Orbax logs enough to fill a pipe and block the child.
   """
-  envs = env if isinstance(env, list) else [env] * len(commands)
   os.makedirs(log_dir, exist_ok=True)
   procs = []
   try:
-    for i, (command, child_env) in enumerate(zip(commands, envs)):
+    for i, command in enumerate(commands):
       with open(os.path.join(log_dir, f"proc{i}.log"), "wb") as log:
-        procs.append(subprocess.Popen(command, env=child_env, cwd=REPO_ROOT, stdout=log,
+        procs.append(subprocess.Popen(command, env=env, cwd=REPO_ROOT, stdout=log,
                                       stderr=subprocess.STDOUT))
     yield procs
   finally:

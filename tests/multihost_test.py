@@ -62,7 +62,7 @@ def _logged_loss(log: str, step: int) -> str:
 
 
 def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
-  workdir, env = tmp_path / "run", subprocess_env(2)
+  workdir, env = tmp_path / "run", subprocess_env(2, compilation_cache_dir=tmp_path / "cache")
   with spawned(_commands(workdir, 4, checkpoint_every=2), env, tmp_path / "first") as procs:
     logs = _finish(procs, tmp_path / "first")
 
