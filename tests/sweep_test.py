@@ -191,7 +191,8 @@ def test_tpu_launch_prints_a_gcloud_command_per_point(tmp_path, capsys, no_launc
   assert remote[7] == "--workdir=gs://bkt/sweeps/tiny/schedule-cosine"
   sweep = sweep_lib.as_sweep(tiny_sweep())
   expected = sweep_lib.plan(sweep, sweep_lib.expand(sweep))[1].config
-  assert sweep_lib.config_from_args("configs/digits.py", remote[8:]).to_dict() == (
+  assert remote[-1] == "--multihost=on"  # every worker joins jax.distributed
+  assert sweep_lib.config_from_args("configs/digits.py", remote[8:-1]).to_dict() == (
       expected.to_dict())
 
 
