@@ -59,6 +59,10 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   # Building the loss and the sampler checks their combinations (e.g. mse with a learned
   # variance, more sampler steps than timesteps).
   tables = tables_from_config(config)
+  if float(tables.abar[-1]) == 0.0 and d.model_output == "eps" and not d.clip_x0:
+    raise ValueError(f"Schedule {d.schedule!r} ends at abar_T = 0, where x0 = (x_T - eps) / 0: "
+                     "eps prediction needs --config.diffusion.clip_x0=True there, or use "
+                     "--config.diffusion.model_output=v.")
   loss_fn_from_config(config, tables)
   sampler_from_config(config, tables)
   n_dev = jax.device_count()

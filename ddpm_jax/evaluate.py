@@ -25,6 +25,7 @@ from ddpm_jax import models
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 
+
 def _to_host(x) -> np.ndarray:
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
