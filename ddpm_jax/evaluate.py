@@ -45,16 +45,20 @@ def make_sample_fn(config, model, tables, mesh, *, sampler=None, num_steps=None,
       return model.apply({"params": params}, x, t, train=False)
     return sample(model_fn, rng, shape)
 
-  def fn(params, rng, n):
-    n_dev = jax.device_count()
-    padded = -(-n // n_dev) * n_dev
+  def executable(params, rng, n):
+    """The compiled sampler for `n` samples (padded to a multiple of the device count)."""
+    padded = -(-n // jax.device_count()) * jax.device_count()
     shape = (padded, d.image_size, d.image_size, d.num_channels)
     if shape not in compiled:
-      compiled[shape] = jax.jit(lambda p, r: run(p, r, shape))
-    x0, traj = compiled[shape](params, rng)
+      compiled[shape] = jax.jit(lambda p, r: run(p, r, shape)).lower(params, rng).compile()
+    return compiled[shape]
+
+  def fn(params, rng, n):
+    x0, traj = executable(params, rng, n)(params, rng)
     traj = None if traj is None else {k: _to_host(v) for k, v in traj.items()}
     return _to_host(x0)[:n], traj
 
+  fn.compile = executable  # compiles without sampling, e.g. to time sampling alone
   return fn
 
 
@@ -157,7 +161,7 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
     sample_fn = make_sample_fn(config, model, tables, mesh)
     s = config.sampling
     for n in {min(s.batch_size, s.num_samples), s.num_samples % s.batch_size or s.batch_size}:
-      sample_fn(params, jax.random.PRNGKey(0), n)  # compile every batch shape outside the timing
+      sample_fn.compile(params, jax.random.PRNGKey(0), n)  # every batch shape, outside the timing
     start = time.perf_counter()
     samples, _ = draw_samples(config, sample_fn, params, config.sampling.num_samples)
     report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)
