@@ -27,9 +27,12 @@ setuptools.setup(
         "matplotlib>=3.9",
         "pillow>=10",
         "tqdm>=4.66",
+        # gs:// workdirs, data_dir, sweep roots and weights (etils.epath and Orbax go through these).
+        "gcsfs>=2025.3,<2027",
+        "google-cloud-storage>=2.18,<4",
     ],
     extras_require={
-        "test": ["pytest>=8", "chex>=0.1.90"],
+        "test": ["pytest>=8", "portpicker>=1.6,<2", "gcp-storage-emulator>=2024.8,<2027"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
     },

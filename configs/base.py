@@ -15,9 +15,11 @@ def get_config() -> ml_collections.ConfigDict:
       image_size=32,
       num_channels=3,
       random_flip=True,         # per-image horizontal flips (DDPM CIFAR-10 setting)
-      data_dir="",              # tfds data_dir; "" means tfds' default (~/tensorflow_datasets)
+      data_dir="",              # tfds data_dir ("" = ~/tensorflow_datasets); the image folder for "folder"
       train_split="train",
       eval_split="test",
+      label_key="label",        # record feature with the class (int); "" = unlabelled batches
+      skip_corrupt=False,       # folder source: skip unreadable images (with a count) or fail
       num_workers=0,            # grain worker processes; 0 reads in the main process
       prefetch_batches=2,
   ))
@@ -30,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
       dropout=0.1,
       resamp_with_conv=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
+      num_classes=0,            # 0 = unconditional; K = class-conditional on labels 0..K-1
   ))
 
   config.diffusion = ml_collections.ConfigDict(dict(
@@ -60,6 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
       num_grid_samples=64,
       grid_sampler_steps=100,   # DDIM steps for the periodic sample grids
       final_eval_metrics=(),    # eval.metrics entries to run once training ends
+      skip_nonfinite_updates=False,  # drop a non-finite update and go on, instead of stopping
+      allow_config_change=False,     # resume despite a changed diffusion process
+      p_uncond=0.1,             # class-conditional models: label dropped to the null class
+                                # with this probability (classifier-free guidance)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -72,15 +79,34 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      sampler="ancestral",      # ancestral | ddim | dpm_solver_pp
-      num_steps=1000,           # model calls; ancestral always uses every step
+      # ancestral | ddim | euler | euler_ancestral | heun | dpm_solver_pp | dpm_solver_pp_sde
+      # (README "Samplers" table; ddpm_jax/sampling/__init__.py).
+      sampler="ancestral",
+      num_steps=1000,           # grid points (heun: 2N-1 model calls); ancestral: all T
+                                # unless the model learns its variance (then respaced)
       eta=0.0,                  # DDIM noise
-      spacing="uniform",        # uniform | quadratic timestep respacing
+      grid="default",           # default (the sampler's own) | uniform | quadratic | trailing
+                                # | logsnr | karras
       num_samples=50_000,
       batch_size=256,           # global
       use_ema=True,
       trajectory_every=100,     # record x_t and x0_hat every k sampler steps
       seed=1,
+      class_label=-1,           # conditional models: a class, or -1 for one of each in turn
+      guidance_scale=0.0,       # classifier-free guidance w: (1 + w) eps(x, c) - w eps(x, null)
+      guidance_t_min=0.0,       # guidance only for timestep indices in [t_min, t_max]
+      guidance_t_max=-1.0,      # (Kynkaanniemi et al. 2024); -1 = T - 1, the whole range
+  ))
+
+  config.edit = ml_collections.ConfigDict(dict(
+      task="inpaint",           # inpaint | sdedit (--mode=edit)
+      input="",                 # .npz (key 'images' or 'samples', uint8 or [-1, 1]) or PNG folder
+      mask="left_half",         # a named shape (ddpm_jax.editing.MASKS) or a PNG; white = known
+      t0=500,                   # SDEdit: noise to this timestep index, then denoise
+      class_label=-1,           # SDEdit target class; -1 = keep the sampling.class_label rule
+      resample_jump=0,          # RePaint jump length (0 = plain replacement, no resampling)
+      resample_count=0,         # RePaint jumps back per jump (r - 1 in Lugmayr et al. 2022)
+      num_images=16,            # images taken from the input
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

@@ -4,18 +4,33 @@ A checkpoint is one step directory holding two items: `state` (the TrainState, w
 every process for its shards) and `data` (each process's grain iterator position). Orbax writes
 into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoint as the newest complete one; `latest_step()` never returns a partial save.
+
+This module also owns what happens when a checkpoint does not restore (it is moved aside to
+`<step>.corrupt-<reason>`, never deleted, and the next newest is tried), the params-only restore
+of sample/eval, and the SIGTERM guard.
 """
 
+import logging as py_logging
 import signal
 import threading
 
+from absl import logging
 from etils import epath
 import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
 from ddpm_jax.train_state import TrainState
+
+# Exit status of a run stopped by SIGTERM after saving: EX_TEMPFAIL from <sysexits.h>, "try
+# again later". A job wrapper restarts on 75 and stops on 0 (finished) or anything else (failed).
+EXIT_PREEMPTED = 75
+
+
+class NoRestorableCheckpointError(RuntimeError):
+  pass
 
 
 def checkpoint_dir(workdir: str) -> epath.Path:
@@ -24,14 +39,34 @@ def checkpoint_dir(workdir: str) -> epath.Path:
   return (path if "://" in str(workdir) else path.resolve()) / "checkpoints"
 
 
-def create_manager(workdir: str, *, max_to_keep: int | None = 3,
+class KeepRegular(preservation_lib.PreservationPolicy):
+  """Keeps the newest `n` checkpoints at multiples of `every`, plus the newest of all.
+
+  An off-schedule (preemption or final) checkpoint is kept while it is the newest, and never
+  counts against `n`, so it cannot push a regular checkpoint out.
+  """
+
+  def __init__(self, n: int, every: int):
+    self.n, self.every = n, every
+
+  def should_preserve(self, checkpoints, *, context):
+    regular = [i for i, c in enumerate(checkpoints) if c.step % self.every == 0]
+    keep = set(regular[-self.n:]) | ({len(checkpoints) - 1} if checkpoints else set())
+    return [i in keep for i in range(len(checkpoints))]
+
+
+def create_manager(workdir: str, *, keep: int | None = 3, every: int = 1,
                    read_only: bool = False) -> ocp.CheckpointManager:
-  options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=not read_only,
-                                         read_only=read_only)
-  return ocp.CheckpointManager(
-      checkpoint_dir(workdir), options=options,
-      item_handlers={"state": ocp.StandardCheckpointHandler(),
-                     "data": grain.checkpoint.CheckpointHandler()})
+  """A manager keeping `keep` regular checkpoints (multiples of `every`); None keeps all."""
+  policy = (preservation_lib.LatestN(n=None) if keep is None else KeepRegular(keep, every))
+  options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
+                                         preservation_policy=policy)
+  registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+  registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
+  registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
+  registry.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
+  registry.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> None:
@@ -42,6 +77,10 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> N
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
+def _abstract(tree):
+  return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+
+
 def restore(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
             step: int | None = None) -> TrainState:
   """Restores the newest (or given) step into `target`'s structure and shardings.
@@ -49,27 +88,133 @@ def restore(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
   `data_iter`, when given, is moved in place to the position it had at that step.
   """
   step = manager.latest_step() if step is None else step
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  items = {"state": ocp.args.StandardRestore(abstract)}
+  items = {"state": ocp.args.StandardRestore(_abstract(target))}
   if data_iter is not None:
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   restored = manager.restore(step, args=ocp.args.Composite(**items))
   return restored["state"]
 
 
-def restore_params(workdir: str, target: TrainState, use_ema: bool = True):
-  """Params (EMA by default) of the newest checkpoint, for sampling and evaluation."""
-  manager = create_manager(workdir, max_to_keep=None, read_only=True)
+def _reason(error: BaseException) -> str:
+  """A one-line, library-free summary of why a restore failed."""
+  text = str(error).splitlines()[0] if str(error) else type(error).__name__
+  text = text.split(" See full TensorStore details")[0]
+  return text[:200]
+
+
+def _slug(error: BaseException) -> str:
+  """The `<reason>` of `<step>.corrupt-<reason>`."""
+  if isinstance(error, FileNotFoundError):
+    return "missing-file"
+  if isinstance(error, FloatingPointError):
+    return "nonfinite"
+  return "unreadable"
+
+
+class _Quiet:
+  """Silences asyncio's "Event loop is closed" and Orbax's error logs while a restore is tried."""
+
+  _NAMES = ("asyncio", "absl", "orbax")
+
+  def __enter__(self):
+    self._saved = [(py_logging.getLogger(n), py_logging.getLogger(n).level) for n in self._NAMES]
+    for logger, _ in self._saved:
+      logger.setLevel(py_logging.CRITICAL)
+    return self
+
+  def __exit__(self, *exc):
+    for logger, level in self._saved:
+      logger.setLevel(level)
+    return False
+
+
+def restore_newest_good(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
+                        check=None):
+  """Restores the newest checkpoint that restores; moves each broken newer one aside.
+
+  A checkpoint that fails to restore (a truncated or missing file, a missing iterator state)
+  is logged in one line and renamed to `<step>.corrupt-<reason>`, outside Orbax's step names,
+  so the next newest becomes the newest. `check(state)` may reject a restored state too.
+
+  Returns:
+    (state, step), or (None, None) when the directory holds no checkpoint at all.
+  Raises:
+    NoRestorableCheckpointError: listing every checkpoint tried and why it failed.
+  """
+  failures = []
+  while (step := manager.latest_step()) is not None:
+    try:
+      with _Quiet():
+        state = restore(manager, target, data_iter, step=step)
+      if check is not None:
+        check(state)
+      return state, step
+    except Exception as error:  # pylint: disable=broad-except
+      path = epath.Path(manager.directory) / str(step)
+      aside = path.parent / f"{step}.corrupt-{_slug(error)}"
+      failures.append(f"step {step}: {_reason(error)} (moved to {aside})")
+      logging.warning("Checkpoint %s does not restore (%s); moving it to %s and trying the next "
+                      "newest.", path, _reason(error), aside)
+      if jax.process_index() == 0:
+        path.rename(aside)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices(f"corrupt_checkpoint_{step}")
+      manager.reload()
+  if failures:
+    raise NoRestorableCheckpointError(
+        f"No checkpoint in {manager.directory} restores; each was moved aside:\n  " +
+        "\n  ".join(failures) + "\nDelete the workdir's checkpoints to start over, or restore a "
+        "backup.")
+  return None, None
+
+
+def _shape_mismatches(stored, expected) -> list[str]:
+  """'path: stored (..) vs config (..)' for every param leaf whose shape or presence differs."""
+  flat_stored = {jax.tree_util.keystr(p): tuple(getattr(v, "shape", ()))
+                 for p, v in jax.tree_util.tree_leaves_with_path(stored)}
+  flat_expected = {jax.tree_util.keystr(p): tuple(v.shape)
+                   for p, v in jax.tree_util.tree_leaves_with_path(expected)}
+  out = []
+  for key in sorted(flat_stored.keys() | flat_expected.keys()):
+    a, b = flat_stored.get(key, "absent"), flat_expected.get(key, "absent")
+    if a != b:
+      out.append(f"{key}: checkpoint {a} vs config {b}")
+  return out
+
+
+def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = ""):
+  """Params (EMA by default) of the newest checkpoint, for sampling and evaluation.
+
+  Only the params are read, against `abstract_params` (`jax.eval_shape` of the model's init,
+  with shardings): the optimiser state and importance history are never built, so any config
+  change that leaves the params' shapes alone works. A shape change fails naming the leaves
+  and `hint` (the config fields that differ from the run's config.json).
+  """
+  manager = create_manager(workdir, keep=None, read_only=True)
   step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(
         f"No checkpoint in {checkpoint_dir(workdir)}; train first with --mode=train "
         f"--workdir={workdir}.")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-  state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract)))
-  state = state["state"]
   manager.close()
-  return (state.ema_params if use_ema else state.params), step
+  name = "ema_params" if use_ema else "params"
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  checkpointer = ocp.PyTreeCheckpointer()
+  stored = checkpointer.metadata(path).item_metadata.tree[name]
+  mismatches = _shape_mismatches(stored, abstract_params)
+  if mismatches:
+    raise ValueError(
+        f"The checkpoint at step {step} in {checkpoint_dir(workdir)} was trained with different "
+        "parameter shapes than this config builds" + (f" ({hint})" if hint else "") + ":\n  " +
+        "\n  ".join(mismatches[:10]) + "\nUse the run's own model settings (its config.json).")
+  restore_args = jax.tree.map(
+      lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
+      abstract_params)
+  with _Quiet():
+    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+        item={name: abstract_params}, restore_args={name: restore_args}, partial_restore=True))
+  return restored[name], step
 
 
 class PreemptionGuard:
@@ -77,10 +222,19 @@ class PreemptionGuard:
 
   Every process must stop at the same step to save together, so the loop agrees on the flag
   through the train step's collectives (see `train.py`), not through this local flag alone.
+  `adopt(event)` (main.py passes the flag its own SIGTERM handler has set since start-up) makes
+  a SIGTERM during imports, restore or compile count too. The interface (`requested`,
+  `local_flags`) is all that train.py reads, so another preemption source can replace it here.
   """
 
+  _adopted: threading.Event | None = None
+
+  @classmethod
+  def adopt(cls, event: threading.Event) -> None:
+    cls._adopted = event
+
   def __init__(self):
-    self._event = threading.Event()
+    self._event = PreemptionGuard._adopted or threading.Event()
     self._previous = None
 
   def __enter__(self):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import conditioning
 from ddpm_jax import diffusion
 from ddpm_jax import input_pipeline
 from ddpm_jax import losses
@@ -24,14 +25,15 @@ MODEL_DTYPES = ("float32", "bfloat16")
 EVAL_METRICS = ("bpd", "fid", "digits_score")
 
 
-def _check(name: str, value, valid) -> None:
-  if value not in valid:
-    raise ValueError(f"Unknown {name} {value!r}; valid choices: {sorted(valid)}.")
+# One choice checker for the whole package (`diffusion.check_choice`).
+_check = diffusion.check_choice
 
 
 def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = True) -> None:
   """Fails fast, with the valid choices, on any config the run could not complete with."""
   d = config.diffusion
+  # The dataset first: metrics and batch checks below depend on it.
+  _check("data.dataset", config.data.dataset, input_pipeline.DATASETS)
   _check("diffusion.schedule", d.schedule, schedules.SCHEDULES)
   _check("diffusion.model_output", d.model_output, diffusion.MODEL_OUTPUTS)
   _check("diffusion.model_var", d.model_var, diffusion.MODEL_VARS)
@@ -40,7 +42,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _check("diffusion.t_sampling", d.t_sampling, losses.T_SAMPLINGS)
   _check("model.dtype", config.model.dtype, MODEL_DTYPES)
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
-  _check("sampling.spacing", config.sampling.spacing, sampling.SPACINGS)
+  _check("sampling.grid", config.sampling.grid, ("default", *sampling.GRIDS))
   eval_metrics = (*config.eval.metrics, *config.training.final_eval_metrics)
   for name in eval_metrics:
     _check("eval metric", name, EVAL_METRICS)
@@ -74,8 +76,10 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
           f"{key}={batch} does not divide over the {n_dev} devices "
           f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
           f"pick a multiple of {n_dev}, e.g. --config.{key}={max(n_dev, batch // n_dev * n_dev)}.")
+  conditioning.check_guidance(config)
   if check_data:
     input_pipeline.validate_data_config(config)
+    conditioning.check_training_labels(config)
 
 
 def tables_from_config(config: ml_collections.ConfigDict) -> schedules.DiffusionTables:
@@ -98,21 +102,28 @@ def train_step_from_config(config, model, tables, mesh):
       apply_fn=model.apply, loss_fn=loss_fn_from_config(config, tables),
       num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
       ema_decay=config.training.ema_decay,
-      learning_rate=train_state.learning_rate_schedule(config.optim), mesh=mesh)
+      learning_rate=train_state.learning_rate_schedule(config.optim), mesh=mesh,
+      skip_nonfinite=config.training.get("skip_nonfinite_updates", False),
+      num_classes=config.model.get("num_classes", 0),
+      p_uncond=config.training.get("p_uncond", 0.0))
 
 
 def sampler_from_config(config, tables, *, sampler: str | None = None, num_steps: int | None = None,
                         trajectory_every: int = 0):
-  """The sampler named in `config.sampling`, optionally overriding its name and step count."""
+  """The sampler named in `config.sampling`, optionally overriding its name and step count.
+
+  `sampling.grid` "default" is the sampler's own grid (`sampling.DEFAULT_GRIDS`). The ancestral
+  sampler from the config runs all T steps unless the model learns its variance, where
+  `num_steps` respaces it (Improved DDPM sec. 4).
+  """
   s, d = config.sampling, config.diffusion
   name = sampler or s.sampler
-  # Ancestral sampling always takes all T steps; only DDIM has an eta.
-  extra = {} if name == "ancestral" else {"num_steps": num_steps or s.num_steps}
-  if name == "ddim":
-    extra["eta"] = s.eta
+  steps = num_steps or s.num_steps
+  if name == "ancestral" and d.model_var not in diffusion.LEARNED_VARS:
+    steps = None
   return sampling.get_sampler(name, tables, model_output=d.model_output, model_var=d.model_var,
-                              spacing=s.spacing, clip_x0=d.clip_x0,
-                              trajectory_every=trajectory_every, **extra)
+                              num_steps=steps, eta=s.eta if name == "ddim" else 0.0,
+                              grid=s.grid, clip_x0=d.clip_x0, trajectory_every=trajectory_every)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:

@@ -23,7 +23,8 @@ def gather(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
   return table[t].reshape(t.shape + (1,) * (ndim - t.ndim))
 
 
-def check_choice(name: str, value: str, valid: tuple[str, ...]) -> None:
+def check_choice(name: str, value: str, valid) -> None:
+  """The one choice checker: fails naming the valid choices (used by every factory and config_lib)."""
   if value not in valid:
     raise ValueError(f"Unknown {name} {value!r}; valid choices: {list(valid)}.")
 

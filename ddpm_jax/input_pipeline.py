@@ -7,7 +7,7 @@ gets its own seeded RNG).
 
 Every element is a dict of NumPy arrays for THIS process only:
   'image': float32 [local_batch, H, W, C] in [-1, 1] (uint8 x -> x / 127.5 - 1),
-  'label': int32 [local_batch] (0 for unlabelled datasets),
+  'label': int32 [local_batch], only for labelled data (see `label_key`),
   'mask':  bool [local_batch], eval batches only (False on padding).
 with local_batch = global batch // jax.process_count().
 """
@@ -23,6 +23,8 @@ import jax
 import ml_collections
 import numpy as np
 from PIL import Image
+
+from ddpm_jax import folder_source
 
 _PREPARE_HINT = (
     "On a machine with internet, run `pip install -e '.[prepare]'` and then "
@@ -43,7 +45,7 @@ class DatasetSpec:
     image_size: side of the images the shipped configs train on.
     num_channels: channels of the stored images (1 grey, 3 RGB).
     splits: valid split names (tfds slicing such as 'train[:90%]' is allowed on top).
-    label_key: feature holding the class, or None for unlabelled data (label 0).
+    label_key: feature holding the class, or None for unlabelled data (no 'label').
     crop: side of the central square crop in source pixels, None for the largest centred
       square (a no-op on square images). The crop is then resized to config.data.image_size.
   """
@@ -65,6 +67,8 @@ DATASETS: dict[str, DatasetSpec] = {
     "celeb_a_hq": DatasetSpec("celeb_a_hq/256", 256, 3, ("train",), None),
     "lsun_bedroom": DatasetSpec("lsun/bedroom", 256, 3, ("train", "validation"), None),
     "lsun_church": DatasetSpec("lsun/church_outdoor", 256, 3, ("train", "validation"), None),
+    # data.data_dir holds the images (or ddpm_jax.pack_folder's output); any size, 1 or 3 channels.
+    "folder": DatasetSpec(None, 32, 3, ("train",)),
 }
 
 # Threads only hide read latency (the transforms run under the GIL; num_workers scales out), and
@@ -127,12 +131,17 @@ class _ArraySource:
     return {"image": self._images[index], "label": self._labels[index]}
 
 
-def _open_source(name: str, split: str, data_dir: str) -> Any:
-  """Opens one split as a random-access sequence of raw records, never downloading."""
+def _open_source(data: ml_collections.ConfigDict, split: str) -> Any:
+  """Opens one split of data.dataset as a random-access sequence of raw records, never
+  downloading: tfds ArrayRecord, the in-memory digits, or a folder of images."""
+  name, data_dir = data.dataset, data.data_dir
   spec = _spec(name)
   base_split = split.split("[")[0]
   if base_split not in spec.splits:
     raise ValueError(f"Dataset {name!r} has no split {split!r}; valid splits: {spec.splits}.")
+  if name == "folder":  # one split: every image in the folder
+    return folder_source.open_folder(data_dir, data.image_size, data.num_channels,
+                                     data.get("skip_corrupt", False))
   if spec.tfds_name is None:
     return _ArraySource(name, split, *load_digits_arrays(split))
   # Imported here so digits runs (and this module imports) without touching tfds.
@@ -156,7 +165,13 @@ def _open_source(name: str, split: str, data_dir: str) -> Any:
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   """Returns the number of examples in `split` of config.data.dataset (all processes)."""
-  return len(_open_source(config.data.dataset, split, config.data.data_dir))
+  return len(_open_source(config.data, split))
+
+
+def save_class_names(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Writes workdir/class_names.json (label -> class folder) when a folder source has classes."""
+  if config.data.dataset == "folder":
+    folder_source.write_class_names(_open_source(config.data, config.data.train_split), workdir)
 
 
 def _local_batch(global_batch: int, shard_count: int) -> int:
@@ -178,7 +193,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   """
   data = config.data
   spec = _spec(data.dataset)
-  if data.num_channels != spec.num_channels:
+  if data.num_channels != spec.num_channels and data.dataset != "folder":
     raise ValueError(f"Dataset {data.dataset!r} has {spec.num_channels} channels but "
                      f"config.data.num_channels={data.num_channels}.")
   num_devices = jax.process_count() * jax.local_device_count()
@@ -195,7 +210,7 @@ def validate_data_config(config: ml_collections.ConfigDict) -> None:
   if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
     splits.append(config.eval.fid_split)
   for split in dict.fromkeys(splits):
-    _open_source(data.dataset, split, data.data_dir)
+    label_key(config, _open_source(data, split))
 
 
 def _crop_and_resize(image: np.ndarray, crop: int | None, size: int) -> np.ndarray:
@@ -213,19 +228,49 @@ def _crop_and_resize(image: np.ndarray, crop: int | None, size: int) -> np.ndarr
   return image
 
 
-class _Preprocess(grain.transforms.Map):
-  """Raw tfds record -> {'image': uint8 [S, S, C], 'label': int32}."""
+def label_key(config: ml_collections.ConfigDict, source: Any = None) -> str | None:
+  """The record feature that holds the class of config.data.dataset, or None if unlabelled.
 
-  def __init__(self, spec: DatasetSpec, image_size: int):
-    self._crop, self._size, self._label_key = spec.crop, image_size, spec.label_key
+  config.data.label_key names it ("" turns labels off). The default "label" on a dataset whose
+  spec has no labels (celeb_a, lsun, ...) means unlabelled; any other key must exist.
+
+  Args:
+    config: experiment config (reads data.dataset and data.label_key).
+    source: the opened split, to check that the feature exists; None skips the check.
+
+  Raises:
+    ValueError: config.data.label_key names a feature the records do not have.
+  """
+  key = config.data.get("label_key", "label")
+  if not key:
+    return None
+  if config.data.dataset in DATASETS and _spec(config.data.dataset).label_key is None:
+    if key == "label":
+      return None
+  if source is not None and len(source):
+    features = sorted(source[0])
+    if key == "label" and key not in features:
+      return None  # the default on unlabelled records (a folder without class subfolders)
+    if key not in features:
+      raise ValueError(f"config.data.label_key={key!r} is not a feature of dataset "
+                       f"{config.data.dataset!r}; valid choices: {features} or '' for no labels.")
+  return key
+
+
+class _Preprocess(grain.transforms.Map):
+  """Raw record -> {'image': uint8 [S, S, C]} plus 'label': int32 when `label_key` is set."""
+
+  def __init__(self, spec: DatasetSpec, image_size: int, label_key: str | None):
+    self._crop, self._size, self._label_key = spec.crop, image_size, label_key
 
   def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
     image = np.asarray(element["image"], np.uint8)
     if image.ndim == 2:
       image = image[..., None]
-    label = element[self._label_key] if self._label_key else 0
-    return {"image": _crop_and_resize(image, self._crop, self._size),
-            "label": np.asarray(label, np.int32)}
+    out = {"image": _crop_and_resize(image, self._crop, self._size)}
+    if self._label_key:
+      out["label"] = np.asarray(element[self._label_key], np.int32)
+    return out
 
 
 class _RandomFlip(grain.transforms.RandomMap):
@@ -274,14 +319,14 @@ def create_train_iterator(
       stand in for several processes.
 
   Returns:
-    iter(grain.DataLoader) yielding {'image': float32 [B, H, W, C], 'label': int32 [B]},
-    B = training.batch_size // shard count.
+    iter(grain.DataLoader) yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
+    ('label' only for labelled data), B = training.batch_size // shard count.
   """
   data = config.data
   spec = _spec(data.dataset)
   shard_options = _shard_options(shard_options, drop_remainder=True)
   local_batch = _local_batch(config.training.batch_size, shard_options.shard_count)
-  source = _open_source(data.dataset, data.train_split, data.data_dir)
+  source = _open_source(data, data.train_split)
   if len(source) // shard_options.shard_count < local_batch:
     logging.warning("Shard of %d examples is smaller than one batch of %d; batches repeat "
                     "examples across epochs.", len(source) // shard_options.shard_count,
@@ -289,7 +334,7 @@ def create_train_iterator(
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
       seed=config.training.seed)
-  operations = [_Preprocess(spec, data.image_size)]
+  operations = [_Preprocess(spec, data.image_size, label_key(config, source))]
   if data.random_flip:
     operations.append(_RandomFlip())
   operations += [grain.transforms.Batch(local_batch, drop_remainder=True), _ToFloat()]
@@ -358,22 +403,23 @@ def create_eval_iterator(
     shard_options: which shard to read; defaults to this JAX process's.
 
   Returns:
-    A re-iterable of {'image': float32 [B, H, W, C], 'label': int32 [B], 'mask': bool [B]},
-    B = batch_size // shard count, with len() the number of batches.
+    A re-iterable of {'image': float32 [B, H, W, C], 'label': int32 [B], 'mask': bool [B]}
+    ('label' only for labelled data), B = batch_size // shard count, len() = batches.
   """
   data = config.data
   split = split or data.eval_split
   shard_options = _shard_options(shard_options, drop_remainder=False)
   count, index = shard_options.shard_count, shard_options.shard_index
   local_batch = _local_batch(batch_size or config.eval.batch_size, count)
-  source = _open_source(data.dataset, split, data.data_dir)
+  source = _open_source(data, split)
   total = len(source)
   # grain's DataLoader would silently drop an uneven shard's last example, so split here.
   start, end = index * total // count, (index + 1) * total // count
   num_batches = math.ceil(math.ceil(total / count) / local_batch)
   padded = _PaddedShard(source, start, end, num_batches * local_batch)
   dataset = (grain.MapDataset.source(padded)
-             .map(_MaskedPreprocess(_spec(data.dataset), data.image_size))
+             .map(_MaskedPreprocess(_spec(data.dataset), data.image_size,
+                                    label_key(config, source)))
              .batch(local_batch, drop_remainder=True)
              .map(_ToFloat()))
   prefetch = max(1, data.prefetch_batches)

@@ -1,31 +1,111 @@
-"""Where a run reports to: TensorBoard events, a metrics JSONL and the console.
+"""Where a run reports to: TensorBoard events, the metrics history and the console.
 
 Only process 0 writes; on every other process a `MetricWriter` does nothing, so callers never
 branch on the process index.
+
+The metrics history lives in `<workdir>/metrics/` as one JSONL object per run segment (and per
+chunk of `CHUNK_RECORDS` lines), never appended to: object stores (gs://) have no append, so each
+write replaces a whole small object. `read_metrics` merges the segments: a segment that starts at
+step S (the checkpoint it resumed from) supersedes every record after S of the segments before it,
+so each logged step appears exactly once however many times the run was resumed.
 """
 
 import json
+import logging as py_logging
+import os
+import re
+import shutil
+import sys
+import tempfile
 import time
 
 from absl import logging
 from etils import epath
 import jax
 import numpy as np
+import tqdm
+
+METRICS_DIR = "metrics"
+LEGACY_METRICS = "metrics.jsonl"  # the single appended file of earlier versions (read only)
+CHUNK_RECORDS = 256  # records per object: bounds the bytes rewritten per log line
+TB_UPLOAD_EVERY_S = 60.0
+_SEGMENT_RE = re.compile(r"segment_(\d+)_(\d+)_(\d+)\.jsonl")
+
+# Our own code: INFO lines from anywhere else are library chatter (Orbax, etc.).
+_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
+                  + os.sep for d in ("ddpm_jax", "experiments", "configs"))
+
+
+def _is_remote(path) -> bool:
+  return "://" in str(path)
+
+
+def _write_whole(path: epath.Path, text: str) -> None:
+  """Replaces `path` in one step: one object put on a store, write + rename on a local disk."""
+  if _is_remote(path):
+    path.write_text(text)
+  else:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def read_metrics(workdir) -> list[dict]:
+  """The metrics history of `workdir`, one record per logged step, sorted by step.
+
+  Segments are applied in order of (start step, creation time); each drops the records with
+  step > its start that the earlier segments hold, then adds its own (the last record of a step
+  wins within a segment). The legacy `metrics.jsonl`, if any, is the oldest segment.
+  """
+  workdir = epath.Path(workdir)
+  segments = []  # (start, created, chunk, path)
+  if (workdir / LEGACY_METRICS).exists():
+    segments.append((-1, 0, 0, workdir / LEGACY_METRICS))
+  if (workdir / METRICS_DIR).exists():
+    for path in (workdir / METRICS_DIR).iterdir():
+      match = _SEGMENT_RE.fullmatch(path.name)
+      if match:
+        segments.append((*map(int, match.groups()), path))
+  by_step, current = {}, None
+  for start, created, _, path in sorted(segments, key=lambda s: s[:3]):
+    if (start, created) != current:
+      current = (start, created)
+      by_step = {s: r for s, r in by_step.items() if s <= start}
+    for line in path.read_text().splitlines():
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:  # a line cut short by a kill (legacy file only)
+        continue
+      if "step" in record:
+        by_step[record["step"]] = record
+  return [by_step[s] for s in sorted(by_step)]
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (`<workdir>/tb`) and `<workdir>/metrics.jsonl`."""
+  """Writes scalars to TensorBoard (`<workdir>/tb`) and to this segment's metrics objects.
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
+  On a local workdir TensorBoard writes in place. On an object store, tensorboardX's own GCS
+  writer retries a resumable upload for up to 120 s and has hung at exit against an emulator, so
+  events are written to a local staging folder and each event file is uploaded whole (one put
+  through the same client as everything else) at most every `TB_UPLOAD_EVERY_S` and at `close`.
+  """
+
+  def __init__(self, workdir: str, enabled: bool | None = None, first_step: int = 0):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
-    self._jsonl = None
-    if self.enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      workdir = epath.Path(workdir)
-      workdir.mkdir(parents=True, exist_ok=True)
-      self._tb = SummaryWriter(str(workdir / "tb"))
-      self._jsonl = (workdir / "metrics.jsonl").open("a")
+    if not self.enabled:
+      return
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._workdir = epath.Path(workdir)
+    (self._workdir / METRICS_DIR).mkdir(parents=True, exist_ok=True)
+    self._segment = f"segment_{first_step:010d}_{time.time_ns()}"
+    self._records: list[str] = []
+    self._chunk = 0
+    self._tb_dest = self._workdir / "tb"
+    self._tb_dest.mkdir(parents=True, exist_ok=True)
+    self._staging = tempfile.mkdtemp(prefix="ddpm_tb_") if _is_remote(workdir) else None
+    self._tb = SummaryWriter(self._staging or str(self._tb_dest))
+    self._uploaded_at = time.monotonic()
 
   def write_scalars(self, step: int, scalars: dict) -> None:
     if not self.enabled:
@@ -33,36 +113,84 @@ class MetricWriter:
     scalars = {k: float(v) for k, v in scalars.items()}
     for key, value in scalars.items():
       self._tb.add_scalar(key, value, step)
-    self._jsonl.write(json.dumps({"step": step, "time": time.time(), **scalars}) + "\n")
-    self._jsonl.flush()
+    if len(self._records) == CHUNK_RECORDS:
+      self._chunk, self._records = self._chunk + 1, []
+    self._records.append(json.dumps({"step": step, "time": time.time(), **scalars}))
+    name = f"{self._segment}_{self._chunk:06d}.jsonl"
+    _write_whole(self._workdir / METRICS_DIR / name, "\n".join(self._records) + "\n")
+    self._maybe_upload_tb()
 
   def write_image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:
     if self.enabled:
       self._tb.add_image(tag, image_uint8, step, dataformats="HWC")
+      self._maybe_upload_tb()
+
+  def _maybe_upload_tb(self, force: bool = False) -> None:
+    if self._staging is None:
+      return
+    if not force and time.monotonic() - self._uploaded_at < TB_UPLOAD_EVERY_S:
+      return
+    self._tb.flush()
+    for name in os.listdir(self._staging):
+      with open(os.path.join(self._staging, name), "rb") as f:
+        (self._tb_dest / name).write_bytes(f.read())
+    self._uploaded_at = time.monotonic()
 
   def close(self) -> None:
-    if self.enabled:
+    if self.enabled and self._tb is not None:
       self._tb.close()
-      self._jsonl.close()
+      self._maybe_upload_tb(force=True)
+      if self._staging:
+        shutil.rmtree(self._staging, ignore_errors=True)
+      self._tb = None
+
+
+class _OwnLinesOnly(py_logging.Filter):
+  """Passes warnings and our own lines; library INFO passes only at --verbosity >= 1."""
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    return (record.levelno >= py_logging.WARNING or logging.get_verbosity() >= 1
+            or record.pathname.startswith(_OWN_DIRS))
+
+
+def setup_console() -> None:
+  """Shows only our own INFO lines on the console unless `--verbosity>=1` asks for the rest.
+
+  Orbax and the other libraries log through the same absl handler as we do, so the filter goes
+  on that handler (and is read at each record, so a later `--verbosity` change applies).
+  """
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
+    handler.addFilter(_OwnLinesOnly())
 
 
 class Progress:
-  """Console progress: step, rate and ETA, every time `report` is called."""
+  """Console progress with rate and ETA: a tqdm bar on a terminal, plain log lines otherwise."""
 
-  def __init__(self, first_step: int, last_step: int):
+  def __init__(self, first_step: int, last_step: int, use_bar: bool | None = None):
     self._start_step, self._last_step = first_step, last_step
     self._start = self._mark = time.perf_counter()
     self._mark_step = first_step
+    if use_bar is None:
+      use_bar = sys.stderr.isatty() and jax.process_index() == 0
+    self._bar = (tqdm.tqdm(total=last_step, initial=first_step, unit="step", dynamic_ncols=True)
+                 if use_bar else None)
 
   def report(self, step: int, scalars: dict) -> dict:
-    """Logs a line and returns the rates since the previous report."""
+    """Shows the step and its scalars; returns the rate since the previous report."""
     now = time.perf_counter()
     steps_per_s = (step - self._mark_step) / max(now - self._mark, 1e-9)
+    if self._bar is not None:
+      self._bar.update(step - self._mark_step)
+      self._bar.set_postfix({k: f"{v:.4g}" for k, v in scalars.items()}, refresh=True)
+      if step >= self._last_step:
+        self._bar.close()
+    else:
+      eta = (self._last_step - step) / max(steps_per_s, 1e-9)
+      text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
+      logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self._last_step, text,
+                   steps_per_s, _hms(eta))
     self._mark, self._mark_step = now, step
-    eta = (self._last_step - step) / max(steps_per_s, 1e-9)
-    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self._last_step, text,
-                 steps_per_s, _hms(eta))
     return {"steps_per_sec": steps_per_s}
 
 

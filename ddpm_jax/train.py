@@ -1,7 +1,7 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
-Runs on every device of every host, resumes from the newest complete checkpoint in
-`workdir/checkpoints`, saves on SIGTERM, and refuses to save (or continue) after a non-finite loss.
+Runs on every device of every host, resumes from the newest checkpoint in `workdir/checkpoints`
+that restores (moving broken ones aside), saves on SIGTERM, and never saves a non-finite update.
 """
 
 import contextlib
@@ -11,17 +11,18 @@ from absl import logging
 from etils import epath
 import jax
 import ml_collections
-import numpy as np
 
 from configs import base as base_config
 from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
-from ddpm_jax import evaluate
 from ddpm_jax import fid_eval
+from ddpm_jax import generation
 from ddpm_jax import images
 from ddpm_jax import input_pipeline
 from ddpm_jax import logging_lib
 from ddpm_jax import models
+from ddpm_jax import quality
+from ddpm_jax import run_config
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 
@@ -45,96 +46,147 @@ def _log_startup(config, mesh, state) -> None:
                "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()))
 
 
-def _fetch_checked(step: int, metrics, manager) -> dict:
-  """Brings a step's metrics to the host; a non-finite loss ends the run, naming the step.
+def _nonfinite_error(step: int, manager) -> NonFiniteLossError:
+  latest = manager.latest_step()
+  saved = (f"the newest checkpoint, step {latest} in {manager.directory}, was checked finite "
+           "when saved" if latest is not None else
+           f"no checkpoint has been saved in {manager.directory}")
+  return NonFiniteLossError(
+      f"Non-finite loss, gradient norm or updated params/EMA at step {step}; nothing from that "
+      f"step on was saved ({saved}). Try a lower --config.optim.lr, gradient clipping, float32 "
+      "compute, or --config.training.skip_nonfinite_updates=True.")
 
-  The gradient norm is checked too: the loss is computed before the update, so a finite loss
-  with non-finite gradients would otherwise let NaN params through to the next checkpoint.
-  """
-  metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-  bad = {k: metrics[k] for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])}
-  if bad:
-    raise NonFiniteLossError(
-        f"Non-finite {bad} at step {step}. Nothing was saved after it: the "
-        f"newest good checkpoint is step {manager.latest_step()} in {manager.directory}. Try a "
-        "lower --config.optim.lr, gradient clipping, or float32 compute.")
-  return metrics
+
+def _check_finite(step: int, flags: dict, manager) -> None:
+  """`flags` holds the step's device-reduced 'finite' flag, already on the host."""
+  if not int(flags["finite"]):
+    raise _nonfinite_error(step, manager)
+
+
+def _fetch(metrics, keys=None) -> dict:
+  """Brings (some of) a step's metrics to the host; every host reads the same reduced values."""
+  metrics = metrics if keys is None else {k: metrics[k] for k in keys}
+  return {k: float(v) for k, v in jax.device_get(metrics).items()}
+
+
+def _check_workdir(workdir: str) -> None:
+  path = epath.Path(workdir)
+  for parent in (path, *path.parents):
+    if parent.exists() and not parent.is_dir():
+      raise ValueError(f"--workdir={workdir}: {parent} is a file, not a directory; pass a "
+                       "directory (it is created if missing).")
+
+
+def _restored_is_finite(state) -> None:
+  if not bool(jax.device_get(train_step_lib.all_finite(state.params, state.ema_params))):
+    raise FloatingPointError("non-finite params or EMA")
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Trains to `config.training.num_train_steps`; returns the final metrics (and eval report).
 
+  The report's "preempted" is True when a SIGTERM stopped the run (after saving any new work);
+  main.py then exits with `checkpointing.EXIT_PREEMPTED`. A non-finite update raises
+  `NonFiniteLossError` without saving it, unless `training.skip_nonfinite_updates` drops it.
+
   Args:
     config: an experiment config (see configs/base.py).
     workdir: checkpoints, TensorBoard events, metrics.jsonl and sample grids go here. An existing
-      workdir is resumed from its newest complete checkpoint.
+      workdir is resumed from its newest checkpoint that restores (see `checkpointing`), after
+      its config is checked against this one (see `run_config`).
   """
   config_lib.validate_config(config)  # every bad choice fails here, before any compile
+  _check_workdir(workdir)
   if "fid" in config.training.final_eval_metrics:
     fid_eval.check_inception_weights(config)  # now, not after hours of training
   tc = config.training
+  manager = checkpointing.create_manager(workdir, keep=tc.keep_checkpoints,
+                                         every=tc.checkpoint_every)
+  latest = manager.latest_step()
+  if latest is not None:
+    run_config.check_resume(config, workdir, latest)  # before any compile
+    if latest >= tc.num_train_steps:
+      logging.warning("The newest checkpoint in %s is step %d, already at or past "
+                      "num_train_steps=%d: nothing to train. Raise --config.training."
+                      "num_train_steps to continue.", manager.directory, latest,
+                      tc.num_train_steps)
+      manager.close()
+      return {"step": latest, "preempted": False, "already_done": True}
   mesh = train_step_lib.make_mesh()
   model = models.create_model(config)
   tables = config_lib.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
-  if jax.process_index() == 0:
-    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-    (epath.Path(workdir) / "config.json").write_text(config_lib.config_to_json(config))
   _log_startup(config, mesh, state)
 
   data_iter = input_pipeline.create_train_iterator(config)
-  manager = checkpointing.create_manager(workdir, max_to_keep=tc.keep_checkpoints)
-  if manager.latest_step() is not None:
-    logging.info("Resuming from checkpoint step %d in %s.", manager.latest_step(),
-                 manager.directory)
-    state = checkpointing.restore(manager, state, data_iter)
+  restored, restored_step = checkpointing.restore_newest_good(manager, state, data_iter,
+                                                              check=_restored_is_finite)
+  if restored is not None:
+    logging.info("Resumed from checkpoint step %d in %s.", restored_step, manager.directory)
+    state = restored
+  if jax.process_index() == 0:
+    run_config.record(config, workdir, restored_step)  # only once every check has passed
+    input_pipeline.save_class_names(config, workdir)  # label -> class folder, if any
   step = int(jax.device_get(state.step))
+  start_step = step
 
   train_step = config_lib.train_step_from_config(config, model, tables, mesh)
-  grid_sampler = evaluate.make_sample_fn(
+  grid_sampler = generation.make_sample_fn(
       config, model, tables, mesh, sampler="ddim",
       num_steps=min(tc.grid_sampler_steps, config.diffusion.num_timesteps))
-  writer = logging_lib.MetricWriter(workdir)
+  writer = logging_lib.MetricWriter(workdir, first_step=step)
   progress = logging_lib.Progress(step, tc.num_train_steps)
   local_devices = jax.local_device_count()
+  conditional = config.model.get("num_classes", 0) > 0
   metrics, last, preempted = None, {}, False
   t_log = time.perf_counter()
   step_at_log = step
 
   with checkpointing.PreemptionGuard() as guard, _finish_saves(manager):
-    while step < tc.num_train_steps:
+    # A SIGTERM during start-up (imports, restore, compile) was recorded by the guard; with one
+    # process there is nothing to agree on, so stop before the first step. Several processes
+    # agree through the first steps' collectives instead.
+    preempted = guard.requested and jax.process_count() == 1
+    while step < tc.num_train_steps and not preempted:
       batch = next(data_iter)
-      batch = {"image": batch["image"], "preempt": guard.local_flags(local_devices)}
+      batch = {"image": batch["image"], "preempt": guard.local_flags(local_devices),
+               **({"label": batch["label"]} if conditional else {})}
       prev_metrics = metrics
       state, metrics = train_step(state, train_step_lib.global_batch(mesh, batch))
       step += 1
-      # The previous step's metrics are read while this one runs, keeping the device busy.
-      # Every host reads the same collective-reduced values, so all agree on when to stop.
+      # Only the previous step's two flags are read while this one runs, keeping the device busy;
+      # every host reads the same collective-reduced values, so all agree on when to stop.
       if prev_metrics is not None:
-        last = _fetch_checked(step - 1, prev_metrics, manager)
-      preempted = bool(last.get("preempt", 0))
+        flags = _fetch(prev_metrics, ("finite", "preempt"))
+        _check_finite(step - 1, flags, manager)
+        preempted = bool(flags["preempt"])
       final = step == tc.num_train_steps or preempted
       if step % tc.log_every == 0 or final:
-        last = _fetch_checked(step, metrics, manager)
+        last = _fetch(metrics)
+        _check_finite(step, last, manager)
         now = time.perf_counter()
         imgs_per_s = (step - step_at_log) * tc.batch_size / max(now - t_log, 1e-9)
         t_log, step_at_log = now, step
-        scalars = {k: v for k, v in last.items() if k != "preempt"}
+        scalars = {k: v for k, v in last.items() if k not in ("preempt", "finite")}
         progress.report(step, scalars)
         writer.write_scalars(step, {**scalars, "images_per_sec": imgs_per_s})
       if step % tc.checkpoint_every == 0 or final:
-        _fetch_checked(step, metrics, manager)  # never save params that produced a NaN
+        _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never save a bad update
         checkpointing.save(manager, state, data_iter)
       if step % tc.sample_every == 0 or (final and not preempted):
         _write_grid(config, workdir, writer, grid_sampler, state, step)
       if preempted:
-        logging.warning("SIGTERM received: saved step %d, exiting cleanly.", step)
+        logging.warning("SIGTERM received: saved step %d, exiting with status %d (preempted).",
+                        step, checkpointing.EXIT_PREEMPTED)
         break
+    if step == start_step and preempted:
+      logging.warning("SIGTERM received before the first step: nothing new to save, exiting "
+                      "with status %d (preempted).", checkpointing.EXIT_PREEMPTED)
 
   manager.close()
   report = {"step": step, "preempted": preempted, **last}
-  if tc.final_eval_metrics and step == tc.num_train_steps:
-    report["eval"] = evaluate.quality_report(config, workdir, state.ema_params, mesh, model,
+  if tc.final_eval_metrics and step == tc.num_train_steps and not preempted:
+    report["eval"] = quality.quality_report(config, workdir, state.ema_params, mesh, model,
                                              tables, step, metrics=tc.final_eval_metrics)
   writer.close()
   return report

@@ -36,8 +36,13 @@ class TrainState(flax.struct.PyTreeNode):
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant (DDPM)."""
-  return optax.linear_schedule(0.0, optim.lr, max(int(optim.warmup_steps), 1))
+  """Linear warm-up from 0 to `lr` over `warmup_steps`, then constant (DDPM).
+
+  `warmup_steps=0` means no warm-up: the full `lr` from step 0.
+  """
+  if int(optim.warmup_steps) <= 0:
+    return optax.constant_schedule(optim.lr)
+  return optax.linear_schedule(0.0, optim.lr, int(optim.warmup_steps))
 
 
 def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
@@ -72,6 +77,16 @@ def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> 
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.training.seed))
+
+
+def abstract_params(config: ml_collections.ConfigDict, model, mesh: Mesh):
+  """`jax.eval_shape` of the model's params, replicated on `mesh`: a restore target, no FLOPs."""
+  x, t = dummy_inputs(config)
+  rngs = {"params": jax.random.PRNGKey(0), "dropout": jax.random.PRNGKey(1)}
+  shapes = jax.eval_shape(lambda: model.init(rngs, x, t, train=False)["params"])
+  replicated = NamedSharding(mesh, P())
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+                      shapes)
 
 
 def param_count(params) -> int:

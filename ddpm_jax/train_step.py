@@ -42,9 +42,16 @@ def global_batch(mesh: Mesh, local_batch: dict) -> dict:
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def all_finite(*trees) -> jnp.ndarray:
+  """One bool: every leaf of every tree is finite (no NaN, no +-inf)."""
+  leaves = [leaf for tree in trees for leaf in jax.tree.leaves(tree)]
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int,
                     t_sampling: str, ema_decay: float, learning_rate: optax.Schedule,
-                    mesh: Mesh) -> Callable:
+                    mesh: Mesh, skip_nonfinite: bool = False, num_classes: int = 0,
+                    p_uncond: float = 0.0) -> Callable:
   """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
   `batch` holds 'image' [B, H, W, C] and 'preempt' [num_devices] bool, both sharded over `data`.
@@ -57,6 +64,16 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     ema_decay: decay of the EMA of the params, updated every step.
     learning_rate: the optimiser's schedule, only read for logging.
     mesh: the 1-D device mesh with axis `data`.
+    skip_nonfinite: keep the old state (step count aside) when the update is non-finite,
+      instead of letting the caller stop the run.
+    num_classes: K > 0 trains a class-conditional model on `batch['label']` (int32 [B]); each
+      label is replaced by the null class K with probability `p_uncond` (classifier-free
+      guidance, Ho & Salimans 2022), drawn from the example's own key like t and the noise.
+    p_uncond: the label-drop probability.
+
+  `metrics["finite"]` is 1 when the loss, the gradient norm and the *updated* params and EMA are
+  all finite on every device (a `pmin` over `data`, which spans every host), else 0. With
+  `skip_nonfinite`, `metrics["skipped"]` counts the steps whose update was dropped.
   """
 
   def per_device_step(state: TrainState, batch: dict):
@@ -74,10 +91,16 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     t, weights = t[:, 0], weights[:, 0]
     noise = jax.vmap(lambda k, x: jax.random.normal(k, x.shape, x.dtype))(noise_keys, x0)
     dropout_rng = jax.random.fold_in(dropout_rng, device)
+    y = None
+    if num_classes > 0:
+      # A third key per example (fold_in, so t and the noise are those of an unconditional run).
+      drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), p_uncond))(keys)
+      y = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
 
     def objective(params):
       def model_fn(x_t, t_):
-        return apply_fn({"params": params}, x_t, t_, train=True, rngs={"dropout": dropout_rng})
+        return apply_fn({"params": params}, x_t, t_, y, train=True,
+                        rngs={"dropout": dropout_rng})
       per_example, aux = loss_fn(model_fn, x0, t, noise)
       return jnp.mean(weights * per_example), (per_example, aux)
 
@@ -97,6 +120,17 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
         **{k: jnp.mean(v) for k, v in aux.items()},
     }
     metrics = lax.pmean(metrics, AXIS)
+    finite = all_finite(metrics["loss"], metrics["grad_norm"], new_state.params,
+                        new_state.ema_params)
+    finite = lax.pmin(finite.astype(jnp.int32), AXIS)
+    metrics["finite"] = finite
+    if skip_nonfinite:
+      # The old state survives a bad step whole (params, EMA, moments, importance history);
+      # only the step advances, so the next step draws fresh t and noise.
+      kept = state.replace(step=new_state.step)
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite > 0, new, old), new_state, kept)
+      metrics["finite"] = jnp.ones_like(finite)
+      metrics["skipped"] = 1 - finite
     # A SIGTERM seen by any host stops every host at the same step (see train.py).
     metrics["preempt"] = lax.pmax(jnp.any(batch["preempt"]).astype(jnp.int32), AXIS)
     return new_state, metrics

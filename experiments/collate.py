@@ -1,7 +1,7 @@
 """A sweep's results: a Markdown and a CSV table, and three PNG plots.
 
-For each point this reads its workdir's `metrics.jsonl` (a resumed run logs the steps after its
-checkpoint again; the last record of a step wins) and its newest `eval/step_<N>.json`, and
+For each point this reads its workdir's metrics history (`logging_lib.read_metrics`: a resumed
+segment supersedes the steps after its checkpoint) and its newest `eval/step_<N>.json`, and
 writes to the output directory:
 
   <sweep>.md, <sweep>.csv   one row per point; '-' where a value is missing
@@ -14,7 +14,6 @@ writes to the output directory:
 from collections.abc import Mapping, Sequence
 import csv
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -22,9 +21,11 @@ import re
 import time
 from typing import Any
 
+from etils import epath
 import ml_collections
 import numpy as np
 
+from ddpm_jax import logging_lib
 from ddpm_jax import schedules
 
 DONE_MARKER = "sweep_done.json"  # written by the runner when a point's run finishes
@@ -41,9 +42,18 @@ _FID = ("fid", "FID", ".2f")
 _DIGITS = (("digits_frechet_distance", "digits FD", ".2f"),
            ("digits_inception_score", "digits IS", ".2f"))
 _SPEED = ("samples_per_sec", "samples/s", ".1f")
+# A sample-only sweep (one shared checkpoint, --mode=eval) has no training columns.
+_NFE = ("sampler_nfe", "NFE", "d")
+_DIGITS_SAMPLE_ONLY = (("digits_frechet_distance", "digits FD", ".2f"),
+                       ("digits_frechet_distance_floor", "FD floor", ".2f"),
+                       ("digits_frechet_distance_train_real", "FD train-real", ".2f"),
+                       ("digits_mean_confidence", "mean confidence", ".3f"),
+                       ("digits_inception_score", "digits IS", ".2f"))
 _BETTER = {"final_loss": "lower", "bpd_total": "lower", "fid": "lower",
            "digits_frechet_distance": "lower", "digits_inception_score": "higher",
-           "samples_per_sec": "higher"}
+           "samples_per_sec": "higher", "sampler_nfe": "lower",
+           "digits_frechet_distance_floor": "lower", "digits_frechet_distance_train_real": "lower",
+           "digits_mean_confidence": "higher"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,41 +71,28 @@ class Entry:
 
 def point_status(workdir: str) -> str:
   """'done' (marker), 'failed' (last run exited non-zero), 'partial' (started) or 'pending'."""
-  if "://" in workdir:
-    return "unknown"
+  workdir = epath.Path(workdir)  # local or gs://
   for status, marker in (("done", DONE_MARKER), ("failed", FAILED_MARKER)):
-    if os.path.exists(os.path.join(workdir, marker)):
+    if (workdir / marker).exists():
       return status
-  return "partial" if os.path.isdir(workdir) else "pending"
+  return "partial" if workdir.exists() else "pending"
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl records sorted by step, the last record of each step kept."""
-  by_step = {}
-  path = os.path.join(workdir, "metrics.jsonl")
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      for line in f:
-        try:
-          record = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a kill
-          continue
-        if "step" in record:
-          by_step[record["step"]] = record
-  return [by_step[s] for s in sorted(by_step)]
+  """The merged metrics history of a point (see `logging_lib.read_metrics`)."""
+  return logging_lib.read_metrics(workdir)
 
 
 def latest_eval(workdir: str) -> dict:
   """The newest eval/step_<N>.json, or {}."""
   found = {}
-  for path in glob.glob(os.path.join(workdir, "eval", "step_*.json")):
-    match = re.fullmatch(r"step_(\d+)\.json", os.path.basename(path))
+  for path in epath.Path(workdir).glob("eval/step_*.json"):  # local or gs://
+    match = re.fullmatch(r"step_(\d+)\.json", path.name)
     if match:
       found[int(match.group(1))] = path
   if not found:
     return {}
-  with open(found[max(found)], encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(found[max(found)].read_text())
 
 
 def summarize(entry: Entry) -> dict[str, Any]:
@@ -110,12 +107,22 @@ def summarize(entry: Entry) -> dict[str, Any]:
   return row
 
 
-def _metric_columns(entries: Sequence[Entry], rows: Sequence[dict]) -> list[tuple]:
+def _metric_columns(entries: Sequence[Entry], rows: Sequence[dict],
+                    sample_only: bool = False) -> list[tuple]:
   """Metrics the sweep's points evaluate (or that a row holds anyway)."""
   asked = set()
   for e in entries:
-    asked.update(e.config.training.final_eval_metrics)
+    asked.update(e.config.eval.metrics if sample_only else e.config.training.final_eval_metrics)
   has = lambda key: any(key in r for r in rows)
+  if sample_only:
+    columns = [_NFE]
+    if "bpd" in asked or has(_BPD[0]):
+      columns.append(_BPD)
+    if "fid" in asked or has("fid"):
+      columns.append(_FID)
+    if "digits_score" in asked or has(_DIGITS[0][0]):
+      columns.extend(_DIGITS_SAMPLE_ONLY)
+    return columns + [_SPEED]
   columns = [_STEPS, _LOSS, _BPD]
   if "fid" in asked or has("fid"):
     columns.append(_FID)
@@ -155,10 +162,10 @@ def _fmt(value: Any, spec: str) -> str:
 
 
 def write_tables(name: str, header: str, entries: Sequence[Entry], rows: Sequence[dict],
-                 out: str) -> tuple[str, str]:
+                 out: str, sample_only: bool = False) -> tuple[str, str]:
   """Writes <out>/<name>.md (with `header` above the table) and <out>/<name>.csv."""
   keys = _label_keys(entries)
-  metrics = _metric_columns(entries, rows)
+  metrics = _metric_columns(entries, rows, sample_only)
   with_name = len({short_label(e, keys) for e in entries}) < len(entries)
   md_head = (["point"] if with_name else []) + keys + ["status"] + [m[1] for m in metrics]
   lines = ["| " + " | ".join(md_head) + " |", "|" + "---|" * len(md_head)]
@@ -243,11 +250,12 @@ def plot_loss_curves(entries: Sequence[Entry], path: str) -> None:
   plt.close(fig)
 
 
-def plot_metrics(entries: Sequence[Entry], rows: Sequence[dict], path: str) -> None:
+def plot_metrics(entries: Sequence[Entry], rows: Sequence[dict], path: str,
+                 sample_only: bool = False) -> None:
   plt = _pyplot()
   keys = _label_keys(entries)
   labels = [short_label(e, keys) for e in entries]
-  metrics = [m for m in _metric_columns(entries, rows)[1:]
+  metrics = [m for m in _metric_columns(entries, rows, sample_only)[1:]
              if any(isinstance(r.get(m[0]), (int, float)) for r in rows)]
   ncols = max(1, min(3 if len(entries) <= 8 else 1, len(metrics)))
   nrows = max(1, math.ceil(len(metrics) / ncols))
@@ -270,22 +278,70 @@ def plot_metrics(entries: Sequence[Entry], rows: Sequence[dict], path: str) -> N
   plt.close(fig)
 
 
+def plot_lines(entries: Sequence[Entry], rows: Sequence[dict], spec: Mapping[str, Any],
+               path: str) -> None:
+  """`spec['y']` against `spec['x']` (row or label keys), one line per `spec['series']` label.
+
+  `spec['floor']`, a row key, is drawn as a horizontal line (its mean over the rows), e.g. the
+  digits score of real held-out digits; `spec['logx']` puts x on a log scale.
+  """
+  plt = _pyplot()
+  value = lambda e, r, k: r.get(k, e.labels.get(k))
+  series = {}
+  for e, r in zip(entries, rows):
+    x, y = value(e, r, spec["x"]), value(e, r, spec["y"])
+    try:
+      x, y = float(x), float(y)
+    except (TypeError, ValueError):
+      continue
+    series.setdefault(str(e.labels.get(spec.get("series"), spec["y"])), []).append((x, y))
+  fig, ax = plt.subplots(figsize=(6.4, 4.2))
+  for i, (label, points) in enumerate(series.items()):
+    xs, ys = zip(*sorted(points))
+    ax.plot(xs, ys, marker="os^vD<>p*h"[i % 10], label=label,
+            linestyle="-" if len(xs) > 1 else "none")
+  floors = [r[spec["floor"]] for r in rows if isinstance(r.get(spec.get("floor")), (int, float))]
+  if floors:
+    ax.axhline(float(np.mean(floors)), color="k", linestyle=":", label=spec["floor"])
+  if not series:
+    ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
+  if spec.get("logx"):
+    ax.set_xscale("log")
+  ax.set(xlabel=spec["x"], ylabel=spec["y"], title=spec.get("title", ""))
+  ax.grid(alpha=0.3)
+  if series or floors:
+    ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
 def collate(name: str, config_path: str, fixed: Mapping[str, Any], entries: Sequence[Entry],
-            out: str) -> list[str]:
-  """Writes every table and plot of sweep `name` to `out`; returns their paths."""
+            out: str, sample_only: bool = False, plot: Mapping[str, Any] | None = None
+            ) -> list[str]:
+  """Writes every table and plot of sweep `name` to `out`; returns their paths.
+
+  A sample-only sweep (`sample_only`: every point evaluates one shared checkpoint) gets no
+  training columns or plots; `plot` (see `plot_lines`) adds `<name>_lines.png`.
+  """
   os.makedirs(out, exist_ok=True)
   rows = [summarize(e) for e in entries]
   done = sum(e.status == "done" for e in entries)
   fixed_text = ", ".join(f"`{k}={v!r}`" for k, v in fixed.items()) or "none"
-  plots = {kind: os.path.join(out, f"{name}_{kind}.png")
-           for kind in ("log_snr", "loss_curves", "metrics")}
+  kinds = ("metrics",) if sample_only else ("log_snr", "loss_curves", "metrics")
+  plots = {kind: os.path.join(out, f"{name}_{kind}.png") for kind in kinds + (
+      ("lines",) if plot else ())}
+  what = ("Every point samples the same checkpoint (`--mode=eval`)" if sample_only else
+          f"Final loss: mean of the last {LOSS_WINDOW} logged losses")
   header = (f"# Sweep `{name}`\n\nBase config `{config_path}`; fixed overrides: {fixed_text}.\n"
             f"{len(entries)} points, {done} done; collated {time.strftime('%Y-%m-%d %H:%M')}. "
-            f"Final loss: mean of the last {LOSS_WINDOW} logged losses; metrics from the newest "
-            "eval/step_<N>.json.\n\n"
+            f"{what}; metrics from the newest eval/step_<N>.json.\n\n"
             + "".join(f"![{kind}]({os.path.basename(p)})\n" for kind, p in plots.items()) + "\n")
-  paths = list(write_tables(name, header, entries, rows, out))
-  plot_log_snr(entries, plots["log_snr"])
-  plot_loss_curves(entries, plots["loss_curves"])
-  plot_metrics(entries, rows, plots["metrics"])
+  paths = list(write_tables(name, header, entries, rows, out, sample_only))
+  if not sample_only:
+    plot_log_snr(entries, plots["log_snr"])
+    plot_loss_curves(entries, plots["loss_curves"])
+  plot_metrics(entries, rows, plots["metrics"], sample_only)
+  if plot:
+    plot_lines(entries, rows, plot, plots["lines"])
   return paths + list(plots.values())

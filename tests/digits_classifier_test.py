@@ -23,9 +23,15 @@ def test_split():
 
 
 @pytest.fixture(scope='module')
-def real_scores(classifier, cache_dir, test_split):
+def train_split():
+  return load_digits_arrays('train')
+
+
+@pytest.fixture(scope='module')
+def real_scores(classifier, cache_dir, train_split):
+  """Real train digits, scored as samples: what a model that copies its data gets."""
   del classifier  # Trained (and cached) first.
-  return dc.digits_score(test_split[0], cache_dir)
+  return dc.digits_score(train_split[0][:500], cache_dir)
 
 
 def test_held_out_accuracy(classifier, test_split):
@@ -42,38 +48,60 @@ def test_feature_shapes(classifier, test_split):
   assert out['logits'].shape == (5, dc.NUM_CLASSES)
 
 
-def test_real_test_split_scores(real_scores, test_split):
-  # Scoring the test split itself is the reference computation.
+def test_real_train_digits_score_near_the_floor(real_scores, train_split):
+  # Both FDs use half of the 360 held-out digits, whatever the sample count.
+  assert real_scores['fd_num_images'] == 180
+  floor = real_scores['frechet_distance_floor']
+  assert 0 < floor < real_scores['frechet_distance']
+  # Real train digits come from other writers than the held-out ones: a bit
+  # above the floor, and the separately reported train-real level.
+  assert real_scores['frechet_distance'] < 2.0 * floor
   assert real_scores['frechet_distance'] == pytest.approx(
-      real_scores['reference_fd_test'], rel=1e-9)
-  assert real_scores['inception_score'] > 5.0
+      real_scores['frechet_distance_train_real'], rel=0.15)
+  assert real_scores['inception_score'] > 8.0
+  assert real_scores['mean_confidence'] > 0.95
+  assert real_scores['mean_confidence_real'] > 0.9
   hist = real_scores['class_histogram']
-  assert len(hist) == 10 and sum(hist) == len(test_split[0])
+  assert len(hist) == 10 and sum(hist) == 500
   # A >90%-accurate classifier sees roughly the true class balance.
-  true_counts = np.bincount(test_split[1], minlength=10)
-  assert np.abs(np.asarray(hist) - true_counts).sum() < 0.2 * sum(hist)
+  true_counts = np.bincount(train_split[1][:500], minlength=10)
+  assert np.abs(np.asarray(hist) - true_counts).sum() < 0.1 * sum(hist)
+
+
+def test_floor_is_taken_at_the_sample_count(real_scores, cache_dir,
+                                            train_split):
+  # FD is biased upwards by O(1/n): with 40 samples the floor is recomputed
+  # on 40 held-out digits, and so is higher than at 180.
+  few = dc.digits_score(train_split[0][:40], cache_dir)
+  assert few['fd_num_images'] == 40
+  assert few['frechet_distance_floor'] > real_scores['frechet_distance_floor']
+  assert few['frechet_distance'] < 2.0 * few['frechet_distance_floor']
 
 
 def test_real_beats_noise_and_shuffled_pixels(real_scores, cache_dir,
-                                             test_split):
+                                             train_split):
   rng = np.random.default_rng(0)
-  images = test_split[0]
+  images = train_split[0][:500]
   noise = rng.integers(0, 256, size=images.shape, dtype=np.uint8)
   flat = images.reshape(len(images), -1)
   shuffled = np.take_along_axis(
       flat, rng.permuted(np.tile(np.arange(64), (len(images), 1)), axis=1),
       axis=1).reshape(images.shape)
   fd_real = real_scores['frechet_distance']
-  fd_noise = dc.digits_score(noise, cache_dir)['frechet_distance']
+  noise_scores = dc.digits_score(noise, cache_dir)
   fd_shuffled = dc.digits_score(shuffled, cache_dir)['frechet_distance']
-  assert fd_real < 0.25 * fd_noise
+  assert fd_real < 0.25 * noise_scores['frechet_distance']
   assert fd_real < 0.25 * fd_shuffled
+  # The floor does not depend on the samples.
+  assert noise_scores['frechet_distance_floor'] == pytest.approx(
+      real_scores['frechet_distance_floor'], rel=1e-12)
+  assert noise_scores['mean_confidence'] < real_scores['mean_confidence']
 
 
 def test_float_samples_are_quantised_like_uint8(real_scores, cache_dir,
-                                                test_split):
+                                                train_split):
   # u / 127.5 - 1 maps back to exactly u under the FID quantisation.
-  as_float = test_split[0].astype(np.float32) / 127.5 - 1.0
+  as_float = train_split[0][:500].astype(np.float32) / 127.5 - 1.0
   scores = dc.digits_score(as_float[..., 0], cache_dir)  # No channel axis.
   assert scores == real_scores
 
@@ -84,6 +112,9 @@ def test_constant_images(cache_dir):
   assert scores['inception_score'] == pytest.approx(1.0, abs=1e-6)
   assert sorted(scores['class_histogram']) == [0] * 9 + [50]
   assert np.isfinite(scores['frechet_distance'])
+  assert scores['frechet_distance'] > 4 * scores['frechet_distance_floor']
+  with pytest.raises(ValueError, match='at least 2'):
+    dc.digits_score(constant[:1], cache_dir)
 
 
 def test_to_uint8():

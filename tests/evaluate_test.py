@@ -176,10 +176,13 @@ def test_eval_digits_score_covers_every_sample(eval_report):
   histogram = eval_report["digits_class_histogram"]
   assert len(histogram) == 10
   assert sum(histogram) == NUM_SAMPLES
-  for key in ("frechet_distance", "inception_score", "classifier_test_accuracy",
-              "reference_fd_test"):
+  for key in ("frechet_distance", "frechet_distance_floor", "frechet_distance_train_real",
+              "inception_score", "mean_confidence", "classifier_test_accuracy"):
     assert np.isfinite(eval_report[f"digits_{key}"]), key
   assert 1.0 <= eval_report["digits_inception_score"] <= 10.0
+  # Samples and floor are both scored at min(num_samples, 180) images, against the same reference.
+  assert eval_report["digits_fd_num_images"] == min(NUM_SAMPLES, TEST_SPLIT_SIZE // 2)
+  assert 0 < eval_report["digits_frechet_distance_floor"] < eval_report["digits_frechet_distance"]
 
 
 def test_eval_report_is_written_as_json(eval_run):

@@ -5,7 +5,6 @@ The tiny settings live in one flat dict, `TINY`, so that the in-process tests
 """
 
 import contextlib
-import json
 import os
 import subprocess
 import sys
@@ -17,6 +16,7 @@ import ml_collections
 from configs import cifar10
 from configs import digits
 from ddpm_jax import checkpointing
+from ddpm_jax import logging_lib
 from ddpm_jax import models
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
@@ -144,12 +144,8 @@ def read_log(log_dir, index: int = 0) -> str:
 
 
 def read_metrics(workdir) -> list[dict]:
-  """The lines of `workdir/metrics.jsonl`, oldest first ([] before the first one)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.endswith("\n")]
+  """The merged metrics history of `workdir`, one record per step ([] before the first one)."""
+  return logging_lib.read_metrics(workdir)
 
 
 def checkpoint_entries(workdir) -> list[str]:
@@ -164,7 +160,7 @@ def restore_state(config, workdir, data_iter=None, step: int | None = None):
   """
   target = train_state_lib.create_train_state(config, models.create_model(config),
                                               train_step_lib.make_mesh())
-  manager = checkpointing.create_manager(workdir, max_to_keep=None, read_only=True)
+  manager = checkpointing.create_manager(workdir, keep=None, read_only=True)
   try:
     return jax.device_get(checkpointing.restore(manager, target, data_iter, step=step))
   finally:

@@ -53,7 +53,10 @@ def test_train_batch_shape_dtype_and_range(dataset):
   size, channels = spec.image_size, spec.num_channels
   assert batch["image"].shape == (8, size, size, channels)
   assert batch["image"].dtype == np.float32
-  assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
+  if spec.label_key is None:
+    assert "label" not in batch  # celeb_a: unlabelled
+  else:
+    assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   assert -1.0 <= batch["image"].min() and batch["image"].max() <= 1.0
   # x / 127.5 - 1 of uint8 x: every value sits on the 256-level grid.
   levels = (batch["image"] + 1.0) * 127.5
@@ -160,6 +163,40 @@ def test_shuffle_changes_every_epoch_and_iterator_is_infinite():
   assert len({tuple(epoch) for epoch in epochs}) == 4  # a fresh order every epoch
   np.testing.assert_array_equal(again["image"], batches[0]["image"])  # seeded
   assert not np.array_equal(other_seed["image"], batches[0]["image"])
+
+
+def test_digits_batches_carry_the_sklearn_targets_of_their_images():
+  config = _config("digits", batch_size=64, random_flip=False)
+  images, labels = input_pipeline.load_digits_arrays("train")
+  by_image = collections.defaultdict(set)
+  for image, label in zip(images, labels):
+    by_image[image.tobytes()].add(int(label))
+  for batch in itertools.islice(input_pipeline.create_train_iterator(config), 3):
+    assert batch["label"].dtype == np.int32 and batch["label"].shape == (64,)
+    for image, label in zip(_to_uint8(batch["image"]), batch["label"]):
+      assert int(label) in by_image[image.tobytes()]
+  evaluation = list(input_pipeline.create_eval_iterator(config))
+  test_images, test_labels = input_pipeline.load_digits_arrays("test")
+  np.testing.assert_array_equal(
+      np.concatenate([b["label"] for b in evaluation])[:len(test_labels)], test_labels)
+  config.data.label_key = ""
+  assert "label" not in next(input_pipeline.create_train_iterator(config))
+  assert "label" not in next(iter(input_pipeline.create_eval_iterator(config)))
+
+
+def test_tfds_batches_carry_the_label_feature():
+  config = _config(batch_size=8, random_flip=False)
+  with tfds.testing.mock_data(num_examples=16):
+    source = tfds.data_source("cifar10", split="train")
+    want = {hashlib.md5(source[i]["image"].tobytes()).hexdigest(): int(source[i]["label"])
+            for i in range(len(source))}
+    batch = next(input_pipeline.create_train_iterator(config))
+    eval_batch = next(iter(input_pipeline.create_eval_iterator(config, split="train")))
+    assert [want[k] for k in _keys(batch["image"])] == batch["label"].tolist()
+    assert [want[k] for k in _keys(eval_batch["image"])] == eval_batch["label"].tolist()
+    config.data.label_key = "class"
+    with pytest.raises(ValueError, match=r"label_key='class'.*valid choices.*'label'"):
+      input_pipeline.validate_data_config(config)
 
 
 def test_digits_works_offline():

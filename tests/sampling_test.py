@@ -37,12 +37,23 @@ def _tables(name="cosine", num_timesteps=100, zero_terminal_snr=False):
       schedules.get_beta_schedule(name, num_timesteps, zero_terminal_snr))
 
 
+def _abar_at(tables, t):
+  """abar at fractional t: 1 / (1 + sigma^2), log sigma interpolated (see `sampling.grids`)."""
+  ls = sampling.grids.log_sigmas(tables)
+  abar_last = float(np.asarray(tables.abar)[-1])
+  finite = np.isfinite(ls)
+  idx = jnp.asarray(np.arange(ls.size)[finite], jnp.float32)
+  log_sig = jnp.interp(t, idx, jnp.asarray(ls[finite], jnp.float32))
+  abar = jax.nn.sigmoid(-2.0 * log_sig)  # 1 / (1 + sigma^2), exact at sigma -> 0.
+  return jnp.where(t >= ls.size - 1, abar_last, abar)
+
+
 def _oracle(tables, model_output="eps", learned_var=False):
   """The exact E[eps|x_t], E[x_0|x_t] or v of the Gaussian data, as a batched model_fn."""
   mu, u, lam = (jnp.asarray(a, jnp.float32) for a in (MU, EIGVECS, EIGVALS))
 
   def model_fn(x, t):
-    abar = tables.abar[t][:, None]
+    abar = _abar_at(tables, t)[:, None]
     z = (x.reshape(x.shape[0], DIM) - jnp.sqrt(abar) * mu) @ u  # Centred, in the eigenbasis.
     c_inv = 1.0 / (abar * lam + 1.0 - abar)
     eps = (jnp.sqrt(1.0 - abar) * c_inv * z) @ u.T
@@ -59,7 +70,7 @@ def _oracle(tables, model_output="eps", learned_var=False):
 def _toy_model(tables, model_var):
   """A cheap nonlinear per-example model with the right channel count for `model_var`."""
   def model_fn(x, t):
-    scale = diffusion.gather(tables.sqrt_one_minus_abar, t, x.ndim)
+    scale = diffusion.gather(tables.sqrt_one_minus_abar, jnp.round(t).astype(jnp.int32), x.ndim)
     pred = (jnp.tanh(x) + 0.1) * scale
     if model_var == "learned":
       return jnp.concatenate([pred, -3.0 + 0.1 * x], axis=-1)
@@ -80,54 +91,52 @@ def _sample_many(runs, shape, seed=0):
       jax.random.key(seed))
 
 
-# --- Timestep respacing --------------------------------------------------------------------
+# --- Grids ------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("spacing", sampling.SPACINGS)
+@pytest.mark.parametrize("grid", list(sampling.GRIDS))
 @pytest.mark.parametrize("num_timesteps, num_steps",
                          [(1000, 1), (1000, 2), (1000, 10), (1000, 50), (1000, 999), (1000, 1000),
                           (100, 20), (100, 99), (7, 7)])
-def test_respaced_timesteps_properties(spacing, num_timesteps, num_steps):
-  steps = sampling.respaced_timesteps(num_timesteps, num_steps, spacing)
-  assert steps.shape == (num_steps,) and np.issubdtype(steps.dtype, np.integer)
-  assert steps[0] == 0
-  assert np.all(np.diff(steps) > 0)
-  if num_steps > 1:
-    assert steps[-1] == num_timesteps - 1
-  if num_steps == num_timesteps:
-    np.testing.assert_array_equal(steps, np.arange(num_timesteps))
+def test_grid_properties(grid, num_timesteps, num_steps):
+  tables = _tables("linear", num_timesteps)
+  g = sampling.make_grid(grid, tables, num_steps)
+  assert g.shape == (num_steps,) and g[0] == num_timesteps - 1
+  assert np.all(np.diff(g) < 0) and g[-1] >= 0
+  if grid in ("uniform", "quadratic", "trailing"):
+    np.testing.assert_array_equal(g, np.round(g))
+  if num_steps > 1 and grid in ("uniform", "quadratic", "logsnr", "karras"):
+    np.testing.assert_allclose(g[-1], 0.0, atol=1e-9)
+  if num_steps == num_timesteps and grid in ("uniform", "quadratic", "trailing"):
+    np.testing.assert_array_equal(g, np.arange(num_timesteps)[::-1])
 
 
-def test_respaced_timesteps_values():
-  np.testing.assert_array_equal(sampling.respaced_timesteps(10, 4, "uniform"), [0, 3, 6, 9])
-  np.testing.assert_array_equal(sampling.respaced_timesteps(1000, 5, "uniform"),
-                                [0, 250, 500, 749, 999])  # 249.75 -> 250, 749.25 -> 749.
-  # floor(99 (i/4)^2) = 0, 6, 24, 55, 99.
-  np.testing.assert_array_equal(sampling.respaced_timesteps(100, 5, "quadratic"),
-                                [0, 6, 24, 55, 99])
-  # The quadratic curve's first gaps are below one index; those steps are pushed apart.
-  np.testing.assert_array_equal(sampling.respaced_timesteps(1000, 500, "quadratic")[:4],
-                                [0, 1, 2, 3])
-
-
-@pytest.mark.parametrize("args, match", [
-    ((100, 0, "uniform"), "num_steps"),
-    ((100, 101, "uniform"), "num_steps"),
-    ((100, 10, "cosine"), "uniform.*quadratic"),
-])
-def test_respaced_timesteps_errors(args, match):
-  with pytest.raises(ValueError, match=match):
-    sampling.respaced_timesteps(*args)
+def test_grid_values():
+  grids, t10, t100, t1000 = sampling.grids, _tables("linear", 10), _tables(), _tables("linear", 1000)
+  np.testing.assert_array_equal(grids.uniform(t10, 4), [9, 6, 3, 0])
+  np.testing.assert_array_equal(grids.uniform(t1000, 5), [999, 749, 500, 250, 0])
+  np.testing.assert_array_equal(grids.quadratic(t100, 5), [99, 55, 24, 6, 0])  # floor(99 (i/4)^2)
+  np.testing.assert_array_equal(grids.quadratic(t1000, 500)[-4:], [3, 2, 1, 0])
+  np.testing.assert_array_equal(grids.trailing(t1000, 4), [999, 749, 499, 249])  # Lin et al. T2.
+  # Karras: sigma^(1/7) is linear in i; log-SNR grid: log sigma is linear in i.
+  sig = grids.sigma_at(t1000, grids.karras(t1000, 10))
+  np.testing.assert_allclose(np.diff(sig ** (1 / 7), 2), 0.0, atol=1e-6)
+  sig = grids.sigma_at(t1000, grids.logsnr(t1000, 10))
+  np.testing.assert_allclose(np.diff(np.log(sig), 2), 0.0, atol=1e-6)
+  # Interpolation in log sigma reproduces the table at integer t.
+  ls = grids.log_sigmas(t1000)
+  np.testing.assert_allclose(np.log(grids.sigma_at(t1000, np.arange(1000.0))), ls, rtol=1e-12)
+  np.testing.assert_allclose(grids.t_at(t1000, np.exp(ls)), np.arange(1000.0), atol=1e-6)
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(name="euler"), "ancestral.*ddim.*dpm_solver_pp"),
-    (dict(name="ddim", spacing="linear"), "uniform.*quadratic"),
+    (dict(name="unipc"), "ancestral.*ddim.*euler.*heun.*dpm_solver_pp"),
+    (dict(name="ddim", grid="linear"), "default.*uniform.*quadratic.*trailing.*logsnr.*karras"),
+    (dict(name="ancestral", grid="karras"), "integer grid"),
     (dict(name="ddim", model_output="score"), "eps.*x0.*v"),
     (dict(name="ddim", model_var="large"), "fixed_small.*fixed_large.*learned.*learned_range"),
     (dict(name="ddim", num_steps=0), "num_steps"),
     (dict(name="dpm_solver_pp", num_steps=101), "num_steps"),
-    (dict(name="ancestral", num_steps=50), "ancestral.*all 100"),
     (dict(name="ddim", eta=-0.5), "eta"),
     (dict(name="dpm_solver_pp", eta=1.0), "eta"),
     (dict(name="ancestral", trajectory_every=-1), "trajectory_every"),
@@ -152,8 +161,8 @@ MOMENT_CASES = [
     ("ancestral", dict(model_var="fixed_large"), 0.008),
     ("ddim", dict(num_steps=50), 0.02),
     ("ddim", dict(num_steps=50, model_var="learned_range"), 0.02),
-    ("dpm_solver_pp", dict(num_steps=20, spacing="quadratic"), 0.004),
-    ("dpm_solver_pp", dict(num_steps=20), 0.03),
+    ("dpm_solver_pp", dict(num_steps=20, grid="quadratic"), 0.004),
+    ("dpm_solver_pp", dict(num_steps=20, grid="uniform"), 0.03),
     ("ddim", dict(eta=1.0), 0.04),  # Loosely, as asked of the stochastic DDIM.
 ]
 
@@ -192,7 +201,7 @@ def test_ode_samplers_follow_the_exact_flow():
 
   def rms_error(name, num_steps):
     x, _ = _sample(name, tables, _oracle(tables), shape, num_steps=num_steps,
-                   spacing="quadratic", clip_x0=False)
+                   grid="quadratic", clip_x0=False)
     return np.sqrt(np.mean((np.asarray(x).reshape(n, DIM) - exact) ** 2))
 
   ddim = {s: rms_error("ddim", s) for s in (20, 100)}
@@ -212,15 +221,18 @@ def test_ddim_eta_one_on_all_steps_is_ancestral_fixed_small():
   model_fn = _toy_model(tables, "fixed_small")
   shape = (16, 2, 2, 1)
   ancestral, _ = _sample("ancestral", tables, model_fn, shape, model_var="fixed_small")
-  ddim, _ = _sample("ddim", tables, model_fn, shape, eta=1.0)
+  ddim, _ = _sample("ddim", tables, model_fn, shape, eta=1.0)  # Its levels come from float64.
   np.testing.assert_allclose(ddim, ancestral, atol=1e-4)
 
 
 # --- Determinism, sharding, trajectory ---------------------------------------------------------
 
+# Every sampler, with a few steps (ancestral: respaced, since the toy model is fixed_large too).
+EVERY_SAMPLER = [(name, dict(num_steps=5, eta=0.5 if name == "ddim" else 0.0))
+                 for name in sampling.SAMPLERS] + [("ancestral", {})]
 
-@pytest.mark.parametrize("name, kwargs", [("ancestral", {}), ("ddim", dict(eta=0.5, num_steps=5)),
-                                          ("dpm_solver_pp", dict(num_steps=5))])
+
+@pytest.mark.parametrize("name, kwargs", EVERY_SAMPLER)
 def test_same_seed_same_samples(name, kwargs):
   tables = _tables("linear", 20)
   sample_fn = sampling.get_sampler(name, tables, **kwargs)
@@ -230,8 +242,7 @@ def test_same_seed_same_samples(name, kwargs):
   assert np.all(a != c)
 
 
-@pytest.mark.parametrize("name, kwargs", [("ancestral", {}), ("ddim", dict(eta=0.5, num_steps=7)),
-                                          ("dpm_solver_pp", dict(num_steps=7))])
+@pytest.mark.parametrize("name, kwargs", EVERY_SAMPLER)
 def test_sharded_batch_gives_the_same_samples(name, kwargs):
   """The batch sharded over 4 devices gives the samples of one device: noise is global."""
   assert jax.device_count() >= 4, "conftest.py should simulate 4 CPU devices"
@@ -252,7 +263,7 @@ def test_sharded_batch_gives_the_same_samples(name, kwargs):
 
 @pytest.mark.parametrize("name, kwargs", [
     ("ancestral", {}), ("ddim", dict(num_steps=10, eta=0.3)),
-    ("dpm_solver_pp", dict(num_steps=10, spacing="quadratic"))])
+    ("dpm_solver_pp", dict(num_steps=10, grid="quadratic"))])
 def test_trajectory(name, kwargs):
   # 19 (ancestral) or 10 model calls, recorded every 3: at steps 0, 3, ..., the last one.
   tables, shape, every = _tables("linear", 19), (4, 1, 1, DIM), 3
@@ -261,7 +272,7 @@ def test_trajectory(name, kwargs):
   x, traj = _sample(name, tables, model_fn, shape, model_output="v", trajectory_every=every,
                     **kwargs)
   assert traj["x_t"].shape == traj["pred_x0"].shape == (num_records,) + shape
-  assert traj["t"].shape == (num_records,) and traj["t"].dtype == jnp.int32
+  assert traj["t"].shape == (num_records,) and traj["t"].dtype == jnp.float32
   assert np.all(np.diff(traj["t"]) < 0) and traj["t"][-1] == 0 and traj["t"][0] == 18
   if name == "ancestral":
     np.testing.assert_array_equal(traj["t"], np.arange(18, -1, -3))
@@ -269,7 +280,7 @@ def test_trajectory(name, kwargs):
   np.testing.assert_array_equal(traj["x_t"][0], jax.random.normal(jax.random.key(0), shape))
   # Each pred_x0 is the clipped x0 prediction of the model at the recorded (x_t, t).
   x_t = traj["x_t"].reshape((-1,) + shape[1:])
-  t = jnp.repeat(traj["t"], shape[0])
+  t = jnp.repeat(traj["t"], shape[0]).astype(jnp.int32)
   expected, _ = diffusion.predict_x0_eps(tables, model_fn(x_t, t), x_t, t, "v", True)
   np.testing.assert_allclose(traj["pred_x0"], expected.reshape(traj["x_t"].shape), atol=1e-5)
   # The last step is at index 0, where every sampler returns its x0 prediction.
@@ -290,7 +301,7 @@ def test_every_combination_runs_and_traces_the_model_once(name):
     def model_fn(x, t):
       calls[combo] += 1
       assert x.shape == shape and x.dtype == jnp.float32
-      assert t.shape == shape[:1] and t.dtype == jnp.int32
+      assert t.shape == shape[:1] and t.dtype == jnp.float32  # Contract 2.
       return toy(x, t)
     return model_fn
 
@@ -300,14 +311,15 @@ def test_every_combination_runs_and_traces_the_model_once(name):
   for combo, (x, _) in zip(combos, _sample_many(runs, shape)):
     assert x.shape == shape and x.dtype == jnp.float32, combo
     assert np.all(np.isfinite(x)), combo
-    assert calls[combo] == 1, combo  # One trace of the model: the loop is a single fori_loop.
+    # One trace of the model per call site: the loop is a single fori_loop (Heun has two).
+    assert calls[combo] == (2 if name == "heun" else 1), combo
 
 
 @pytest.mark.parametrize("name", sampling.SAMPLERS)
 def test_zero_terminal_snr_gives_finite_samples(name):
   """jsd and zero-terminal-SNR schedules (abar_T = 0, log-SNR -inf) give finite samples."""
   kwargs = {} if name == "ancestral" else dict(num_steps=10)
-  runs = []
+  runs = []  # The sigma samplers' default Karras grid starts at sigma = inf here.
   for tables in (_tables("jsd", 50), _tables("linear", 50, zero_terminal_snr=True)):
     assert float(tables.abar[-1]) == 0.0 and np.isneginf(tables.log_snr[-1])
     for model_fn, clip_x0 in [(_oracle(tables), False), (_toy_model(tables, "fixed_large"), True)]:
@@ -316,3 +328,75 @@ def test_zero_terminal_snr_gives_finite_samples(name):
   for x, traj in _sample_many(runs, (16, 1, 1, DIM)):
     assert np.all(np.isfinite(x))
     assert np.all(np.isfinite(traj["x_t"])) and np.all(np.isfinite(traj["pred_x0"]))
+
+
+# --- Contract 2: x_start / t_start / post_step; respacing; NFE -------------------------------
+
+
+@pytest.mark.parametrize("name, kwargs", EVERY_SAMPLER)
+def test_post_step_identity_and_full_start_change_nothing(name, kwargs):
+  """post_step = identity is bitwise a no-op; x_start = the noise at t_start = T-1 is the run."""
+  tables, shape = _tables("linear", 20), (4, 2, 2, 1)
+  sample_fn = sampling.get_sampler(name, tables, trajectory_every=1, **kwargs)
+  model_fn = _toy_model(tables, "fixed_large")
+  key = jax.random.key(2)
+  noise = jax.random.normal(key, shape)
+  seen = []
+
+  def post_step(i, x, t_next, k):
+    seen.append(t_next.dtype)
+    return x
+
+  plain, with_post, started = jax.jit(lambda k: [
+      sample_fn(model_fn, k, shape),
+      sample_fn(model_fn, k, shape, post_step=post_step),
+      sample_fn(model_fn, k, shape, x_start=noise, t_start=19)])(key)
+  jax.tree.map(np.testing.assert_array_equal, plain, with_post)
+  jax.tree.map(np.testing.assert_array_equal, plain, started)
+  assert seen == [jnp.float32]
+
+
+def test_t_start_truncates_the_grid_and_post_step_sees_every_step():
+  tables, shape = _tables("linear", 100), (2, 1, 1, DIM)
+  sample_fn = sampling.get_sampler("ddim", tables, num_steps=11, trajectory_every=1)
+  ts = []
+  post = lambda i, x, t, k: (jax.debug.callback(lambda v: ts.append(float(v)), t), x)[1]
+  x0 = jnp.full(shape, 0.3)
+  x, traj = sample_fn(_oracle(tables), jax.random.key(0), shape, x_start=x0, t_start=45.5,
+                      post_step=post)
+  jax.effects_barrier()
+  np.testing.assert_allclose(traj["t"], [45.5, 40, 30, 20, 10, 0])
+  np.testing.assert_array_equal(traj["x_t"][0], x0)
+  assert ts == [40.0, 30.0, 20.0, 10.0, 0.0, -1.0]
+  with pytest.raises(ValueError, match="x_start and t_start"):
+    sample_fn(_oracle(tables), jax.random.key(0), shape, t_start=10)
+
+
+@pytest.mark.parametrize("model_var", ["learned", "learned_range", "fixed_small"])
+def test_respaced_ancestral_at_k_equal_t_is_the_full_sampler(model_var):
+  """Improved DDPM respacing with K = T is bitwise the full ancestral sampler."""
+  tables, shape = _tables("linear", 30), (4, 2, 2, 1)
+  model_fn = _toy_model(tables, model_var)
+  full, _ = _sample("ancestral", tables, model_fn, shape, model_var=model_var)
+  same, _ = _sample("ancestral", tables, model_fn, shape, model_var=model_var, num_steps=30)
+  np.testing.assert_array_equal(full, same)
+  rt = sampling.vp.respaced_tables(tables, sampling.make_grid("uniform", tables, 10))
+  abar = np.asarray(tables.abar, np.float64)[sampling.make_grid("uniform", tables, 10)[::-1]
+                                              .astype(int)]
+  np.testing.assert_allclose(np.cumprod(1 - np.asarray(rt.betas, np.float64)), abar, rtol=1e-5)
+  short, _ = _sample("ancestral", tables, model_fn, shape, model_var=model_var, num_steps=10)
+  assert np.all(np.isfinite(short))
+
+
+def test_heun_counts_2n_minus_1_model_calls():
+  tables, shape = _tables("linear", 50), (2, 1, 1, DIM)
+  calls = []
+  oracle = _oracle(tables)
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return oracle(x, t)
+
+  sampling.get_sampler("heun", tables, num_steps=6)(model_fn, jax.random.key(0), shape)
+  jax.effects_barrier()
+  assert len(calls) == sampling.nfe("heun", 6) == 11

@@ -1,4 +1,4 @@
-"""Tests of experiments/sweep.py and experiments/collate.py.
+"""Tests of experiments/sweep.py (points, launch, runner) and experiments/collate.py.
 
 One test trains a 2-point sweep of tiny digits models end to end (two ~15 s subprocesses); the
 others check expansion, validation, command lines, resumption and collation without training.
@@ -18,8 +18,10 @@ if _REPO not in sys.path:  # `experiments` is not an installed package; `pytest`
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from experiments import collate  # noqa: E402
+from experiments import launch as launch_lib  # noqa: E402
 from experiments import sweep as sweep_lib  # noqa: E402
 from experiments.sweeps import cifar10_schedules  # noqa: E402
+from experiments.sweeps import digits_samplers  # noqa: E402
 from experiments.sweeps import digits_schedules  # noqa: E402
 
 TINY = {
@@ -59,7 +61,7 @@ def sweep_file(tmp_path, sweep: dict) -> str:
 def fixture_no_launch(monkeypatch):
   """Fails the test if the runner starts any subprocess."""
   calls = []
-  monkeypatch.setattr(sweep_lib, "launch_point",
+  monkeypatch.setattr(launch_lib, "launch_point",
                       lambda command, workdir, echo=True: calls.append(workdir) or 99)
   return calls
 
@@ -215,7 +217,7 @@ def test_failed_or_stopped_points_are_marked_and_rerun(tmp_path, monkeypatch):
         json.dump({"step": 4, "digits_frechet_distance": 1.0}, f)
     return 0
 
-  monkeypatch.setattr(sweep_lib, "launch_point", fake_launch)
+  monkeypatch.setattr(launch_lib, "launch_point", fake_launch)
   kwargs = dict(root=str(root), out=str(out), echo=False)
   assert sweep_lib.run_sweep(tiny_sweep(), **kwargs) == NAMES
   assert launched == NAMES
@@ -297,7 +299,107 @@ def test_end_to_end_writes_results_and_rerun_skips(tmp_path, monkeypatch, capsys
     assert (out / f"tiny_{kind}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
   capsys.readouterr()
-  monkeypatch.setattr(sweep_lib, "launch_point",
+  monkeypatch.setattr(launch_lib, "launch_point",
                       lambda *a, **k: pytest.fail("a finished point was run again"))
   assert sweep_lib.main(args) == 0
   assert capsys.readouterr().out.count("done, skipped") == 2
+
+
+def test_sampler_sweep_covers_every_sampler_with_honest_nfe():
+  from ddpm_jax import generation, sampling  # pylint: disable=g-import-not-at-top
+  sweep = sweep_lib.load_sweep("digits_samplers")
+  assert sweep.checkpoint == "runs/digits" and sweep.plot["x"] == "sampler_nfe"
+  plans = sweep_lib.plan(sweep, sweep_lib.expand(sweep))
+  assert len(plans) == len(digits_samplers.FEW_STEP_SAMPLERS) * len(digits_samplers.NFES) + 1
+  calls = {}
+  for p in plans:
+    s = p.config.sampling
+    assert p.config.eval.metrics == ("digits_score",) and s.num_samples == 500
+    # What the eval report will print as sampler_nfe: the model calls the sampler makes.
+    calls.setdefault(s.sampler, []).append(generation.sampler_nfe(p.config))
+  assert set(calls) == set(sampling.SAMPLERS)  # a new sampler must join the sweep
+  assert calls["ancestral"] == [1000]
+  for name in digits_samplers.FEW_STEP_SAMPLERS:
+    if name == "heun":  # 2N - 1 calls: the largest count within each budget
+      assert calls[name] == [n - 1 + n % 2 for n in digits_samplers.NFES]
+    else:
+      assert calls[name] == list(digits_samplers.NFES)
+
+
+def _sample_only_sweep(run, **fields) -> dict:
+  return {"name": "so", "config": "configs/digits.py",
+          "fixed": {**TINY, "eval.metrics": ("digits_score",)},
+          "points": [{"name": "ddim-2", "sampling.sampler": "ddim", "sampling.num_steps": 2},
+                     {"name": "heun-2", "sampling.sampler": "heun", "sampling.num_steps": 2}],
+          "checkpoint": str(run),
+          "plot": {"x": "sampler_nfe", "y": "digits_frechet_distance", "series": "sampler",
+                   "floor": "digits_frechet_distance_floor"}, **fields}
+
+
+def test_sample_only_sweep_evaluates_the_shared_checkpoint(tmp_path, monkeypatch, capsys):
+  run, root, out = tmp_path / "trained", tmp_path / "runs", tmp_path / "results"
+  sweep = _sample_only_sweep(run)
+  with pytest.raises(sweep_lib.SweepError, match="no checkpoints; train it first"):
+    sweep_lib.run_sweep(sweep, root=str(root), out=str(out), echo=False)
+  with pytest.raises(sweep_lib.SweepError, match="--launch=local"):
+    sweep_lib.run_sweep(sweep, root=str(root), launch="tpu")
+  (run / "checkpoints" / "7").mkdir(parents=True)
+  launched = []
+
+  def fake_eval(command, workdir, echo=True):
+    del echo
+    launched.append(command)
+    # The shared run's checkpoints are read through the point's own workdir.
+    assert os.path.realpath(os.path.join(workdir, "checkpoints")) == str(
+        (run / "checkpoints").resolve())
+    nfe = 3 if "heun" in workdir else 2
+    os.makedirs(os.path.join(workdir, "eval"))
+    with open(os.path.join(workdir, "eval", "step_7.json"), "w", encoding="utf-8") as f:
+      json.dump({"step": 7, "sampler_nfe": nfe, "digits_frechet_distance": 10.0 * nfe,
+                 "digits_frechet_distance_floor": 5.0}, f)
+    return 0
+
+  monkeypatch.setattr(launch_lib, "launch_point", fake_eval)
+  assert sweep_lib.run_sweep(sweep, root=str(root), out=str(out), echo=False) == []
+  assert len(launched) == 2
+  for command in launched:
+    assert command[3] == "--mode=eval" and command.count("--mode=eval") == 1
+  assert sorted(os.listdir(run)) == ["checkpoints"]  # nothing written into the shared run
+  assert sweep_lib.run_sweep(sweep, root=str(root), out=str(out), echo=False) == []
+  assert len(launched) == 2  # done points are skipped
+  with open(out / "so.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["sampler"], r["sampler_nfe"], r["digits_frechet_distance_floor"]) for r in rows] == [
+      ("ddim", "2", "5"), ("heun", "3", "5")]
+  assert "steps" not in rows[0] and "final_loss" not in rows[0]
+  assert (out / "so_lines.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert not (out / "so_loss_curves.png").exists()
+  capsys.readouterr()
+  # --checkpoint swaps the run; a training sweep refuses it.
+  assert sweep_lib.main([f"--sweep={sweep_file(tmp_path, tiny_sweep())}", "--dry-run",
+                         f"--checkpoint={run}"]) == 2
+  assert "only a sample-only sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_sample_only_sweep_end_to_end(tmp_path, monkeypatch):
+  """Trains one tiny point, then samples it twice with --mode=eval and no training."""
+  root, out = tmp_path / "runs", tmp_path / "results"
+  monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+  monkeypatch.setenv("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+  trained = tiny_sweep(grid={}, points=[{"name": "base"}])
+  assert sweep_lib.run_sweep(trained, root=str(root), out=str(out), echo=False) == []
+  run = root / "tiny" / "base"
+  checkpoints = sorted(os.listdir(run / "checkpoints"))
+  assert sweep_lib.run_sweep(_sample_only_sweep(run), root=str(root), out=str(out),
+                             echo=False) == []
+  assert sorted(os.listdir(run / "checkpoints")) == checkpoints
+  with open(out / "so.csv", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f))
+  assert [(r["sampler"], r["status"], r["sampler_nfe"]) for r in rows] == [
+      ("ddim", "done", "2"), ("heun", "done", "3")]
+  for r in rows:
+    assert 0 < float(r["digits_frechet_distance_floor"]) < float(r["digits_frechet_distance"])
+  for point in ("ddim-2", "heun-2"):
+    report = json.loads((root / "so" / point / "eval" / "step_4.json").read_text())
+    assert report["num_samples"] == 8 and report["digits_fd_num_images"] == 8

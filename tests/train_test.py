@@ -62,8 +62,9 @@ def _leaves(tree) -> dict:
           for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
 
 
-def test_one_and_four_devices_train_the_same_model():
-  config = tiny_config()
+@pytest.mark.parametrize("t_sampling", ["uniform", "importance"])
+def test_one_and_four_devices_train_the_same_model(t_sampling):
+  config = tiny_config(**{"diffusion.t_sampling": t_sampling})
   data = input_pipeline.create_train_iterator(config)
   images = [next(data)["image"] for _ in range(3)]
   runs = {}
@@ -95,7 +96,12 @@ def test_one_and_four_devices_train_the_same_model():
   # of 1% of the summed learning rates (6e-6).
   schedule = train_state_lib.learning_rate_schedule(config.optim)
   params_atol = 0.01 * sum(float(schedule(i)) for i in range(len(images)))
-  for name, atol in (("params", params_atol), ("ema_params", 1e-6), ("opt_state", 1e-6)):
+  if t_sampling == "importance":
+    # Every device holds the same all-gathered history, in the order of the global batch.
+    np.testing.assert_array_equal(state_n.importance.counts, state_1.importance.counts)
+    assert int(state_n.importance.counts.sum()) == len(images) * config.training.batch_size
+  for name, atol in (("params", params_atol), ("ema_params", 1e-6), ("opt_state", 1e-6),
+                     ("importance", 1e-6)):
     expected = _leaves(getattr(state_1, name))
     for key, value in _leaves(getattr(state_n, name)).items():
       np.testing.assert_allclose(value, expected[key], rtol=1e-5, atol=atol,

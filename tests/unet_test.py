@@ -212,3 +212,51 @@ def test_avg_pool_resampling_variant_runs():
   # Resampling has no params, and the output keeps the input's shape.
   assert not any("sample" in name for name in variables["params"])
   assert _apply_fn(model, False)(variables, x, t, None).shape == x.shape
+
+
+# --- Class-conditional U-Net (model.num_classes) ---------------------------------------------
+
+COND = models.TinyUNet(out_channels=1, num_classes=3)
+
+
+def test_unconditional_param_tree_unchanged_and_conditional_adds_only_the_embedding():
+  uncond = models.param_shapes(TINY, IMAGE_SIZE, 1)
+  cond = models.param_shapes(COND, IMAGE_SIZE, 1)
+  assert "class_emb" not in uncond
+  assert cond["class_emb"]["embedding"].shape == (3 + 1, 4 * 16)  # K + 1 rows, null last
+  rest = {k: v for k, v in cond.items() if k != "class_emb"}
+  assert jax.tree.map(lambda s: s.shape, rest) == jax.tree.map(lambda s: s.shape, uncond)
+
+
+def test_labels_change_the_output_and_none_means_the_null_class():
+  variables = _random_params(COND)
+  x, t = _inputs()
+  apply = jax.jit(lambda y: COND.apply(variables, x, t, y, train=False))
+  out = {c: np.asarray(apply(jnp.full((BATCH,), c, jnp.int32))) for c in range(4)}
+  null = np.asarray(jax.jit(lambda: COND.apply(variables, x, t, train=False))())
+  np.testing.assert_array_equal(null, out[3])
+  for c in range(3):
+    assert np.abs(out[c] - out[3]).max() > 1e-3
+
+
+def test_labels_on_an_unconditional_unet_fail():
+  x, t = _inputs()
+  with pytest.raises(ValueError, match="unconditional"):
+    TINY.apply(_random_params(TINY), x, t, jnp.zeros((BATCH,), jnp.int32), train=False)
+
+
+def test_float_timesteps_interpolate_between_integer_ones():
+  variables = _random_params(TINY)
+  x, _ = _inputs()
+  apply = jax.jit(lambda t: TINY.apply(variables, x, t, train=False))
+  a, b = apply(jnp.full((BATCH,), 10.0)), apply(jnp.full((BATCH,), 11.0))
+  mid = apply(jnp.full((BATCH,), 10.5))
+  assert np.all(np.isfinite(mid))
+  assert np.abs(mid - a).max() > 0 and np.abs(mid - b).max() > 0
+
+
+def test_create_model_reads_num_classes():
+  config = digits.get_config()
+  assert models.create_model(config).num_classes == 0
+  config.model.num_classes = 10
+  assert models.create_model(config).num_classes == 10

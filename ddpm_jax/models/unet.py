@@ -48,6 +48,11 @@ class UNet(nn.Module):
     num_groups: GroupNorm groups; 32 as in DDPM. Tiny test models use fewer
       because every channel count (including skip concatenations) must divide.
     dtype: Compute dtype. Params, GroupNorm, softmax and the output stay float32.
+    num_classes: 0 for an unconditional model (no class parameters at all, so unconditional
+      checkpoints keep loading); K > 0 adds a learned class embedding with K + 1 rows, the last
+      (index K) being the null class of classifier-free guidance (Ho & Salimans 2022). As in
+      Improved DDPM / ADM (Dhariwal & Nichol 2021) it is added to the timestep embedding:
+      temb = MLP(sinusoidal(t)) + Embed(y).
   """
 
   ch: int
@@ -59,14 +64,19 @@ class UNet(nn.Module):
   out_channels: int
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
+  num_classes: int = 0
 
   @nn.compact
-  def __call__(self, x: jax.Array, t: jax.Array, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
+               train: bool) -> jax.Array:
     """Predicts the model output (e.g. eps) for noisy images at timesteps t.
 
     Args:
       x: Noisy images, [B, H, W, C]; H and W divisible by 2^(len(ch_mult) - 1).
-      t: Integer timesteps, [B] (a scalar is broadcast over the batch).
+      t: Timesteps, [B] (a scalar is broadcast over the batch); float indices are fine, the
+        sinusoidal embedding is continuous.
+      y: Class labels int [B] in [0, num_classes], num_classes being the null class; None
+        means the null class. Must be None for an unconditional model.
       train: Enables dropout, which then needs the 'dropout' rng collection.
 
     Returns:
@@ -87,6 +97,13 @@ class UNet(nn.Module):
     temb = layers.timestep_embedding(t, self.ch)
     temb = dense(4 * self.ch, name="temb_dense0")(temb)
     temb = dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
+    if self.num_classes > 0:
+      y = jnp.full((x.shape[0],), self.num_classes, jnp.int32) if y is None else y
+      y = jnp.broadcast_to(jnp.asarray(y, jnp.int32), (x.shape[0],))
+      temb = temb + nn.Embed(self.num_classes + 1, 4 * self.ch, param_dtype=jnp.float32,
+                             name="class_emb")(y).astype(temb.dtype)
+    elif y is not None:
+      raise ValueError("class labels given to an unconditional U-Net (model.num_classes = 0)")
 
     # Downsampling path: every intermediate activation becomes a skip connection.
     hs = [nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
@@ -136,8 +153,8 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   """Builds the U-Net described by a full experiment config.
 
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-  resamp_with_conv, dtype}, config.data.num_channels and config.diffusion.model_var
-  (a learned variance doubles the output channels).
+  resamp_with_conv, dtype, num_classes (absent = 0)}, config.data.num_channels and
+  config.diffusion.model_var (a learned variance doubles the output channels).
 
   Args:
     config: Experiment ConfigDict (see configs/base.py).
@@ -162,6 +179,7 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
       resamp_with_conv=m.resamp_with_conv,
       out_channels=2 * num_channels if learned_var else num_channels,
       dtype=DTYPES[m.dtype],
+      num_classes=int(m.get("num_classes", 0)),
   )
 
 

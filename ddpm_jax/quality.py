@@ -1,0 +1,94 @@
+"""The quality report shared by both drivers: bits/dim, FID/IS and the offline digits score.
+
+`train.py` runs it once training ends (`training.final_eval_metrics`) and `evaluate.py` runs it for
+`--mode=eval`; it sits below both and imports neither.
+"""
+
+import json
+import os
+import time
+
+from absl import logging
+from etils import epath
+import jax
+import numpy as np
+
+from ddpm_jax import generation
+from ddpm_jax import input_pipeline
+from ddpm_jax import losses
+from ddpm_jax import train_step as train_step_lib
+
+
+def bits_per_dim(config, model, tables, mesh, params) -> dict:
+  """The full VLB (all T terms) on the eval split, with its components, in bits/dim."""
+  d = config.diffusion
+  sharding = train_step_lib.batch_sharding(mesh)
+
+  @jax.jit
+  def batch_vlb(params, x0, rng):
+    def model_fn(x, t):
+      return model.apply({"params": params}, x, t, train=False)
+    return losses.vlb_bpd(model_fn, tables, x0, rng, model_output=d.model_output,
+                          model_var=d.model_var, clip_x0=d.clip_x0)
+
+  totals, count = {}, 0
+  limit = config.eval.bpd_num_examples or float("inf")
+  rng = jax.random.PRNGKey(config.training.seed + 1)
+  to_host = generation.to_host
+  for i, batch in enumerate(input_pipeline.create_eval_iterator(config)):
+    x0 = jax.make_array_from_process_local_data(sharding, batch["image"])
+    mask = to_host(jax.make_array_from_process_local_data(sharding, batch["mask"]))
+    mask = mask & (np.cumsum(mask) <= limit - count)  # score exactly `bpd_num_examples` examples
+    terms = {k: to_host(v) for k, v in batch_vlb(params, x0, jax.random.fold_in(rng, i)).items()}
+    for k, v in terms.items():
+      totals[k] = totals.get(k, 0.0) + float(np.sum(v[mask]))
+    count += int(mask.sum())
+    if count >= limit:
+      break
+  return {f"bpd_{k}": v / count for k, v in totals.items()} | {"bpd_num_examples": count}
+
+
+def quality_report(config, workdir, params, mesh, model, tables, step, metrics=None) -> dict:
+  """Each of `metrics` (default `config.eval.metrics`); logged and written to eval/step_<N>.json."""
+  metrics = tuple(config.eval.metrics if metrics is None else metrics)
+  report = {"step": step}
+  needs_samples = {"fid", "digits_score"} & set(metrics)
+  if needs_samples:
+    sample_fn = generation.make_sample_fn(config, model, tables, mesh)
+    s = config.sampling
+    for n in {min(s.batch_size, s.num_samples), s.num_samples % s.batch_size or s.batch_size}:
+      sample_fn.compile(params, jax.random.PRNGKey(0), n)  # every batch shape, outside the timing
+    start = time.perf_counter()
+    samples, _ = generation.draw_samples(config, sample_fn, params, config.sampling.num_samples)
+    report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)
+    report["num_samples"] = len(samples)
+    report["sampler"] = generation.sampler_label(config)
+    report["sampler_nfe"] = generation.sampler_nfe(config)
+  if "digits_score" in metrics:
+    from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
+    score = digits_classifier.digits_score(samples, cache_dir=cache_dir())
+    report.update({f"digits_{k}": v for k, v in score.items()})
+    logging.info(
+        "Digits score of %d samples from %s (%d model calls each): FD %.2f against held-out "
+        "real digits; floor %.2f (other held-out real digits), real train digits %.2f; %d "
+        "images per FD. Mean confidence %.3f (real %.3f), IS %.2f.", len(samples),
+        report["sampler"], report["sampler_nfe"], score["frechet_distance"],
+        score["frechet_distance_floor"], score["frechet_distance_train_real"],
+        score["fd_num_images"], score["mean_confidence"], score["mean_confidence_real"],
+        score["inception_score"])
+  if "fid" in metrics:
+    from ddpm_jax import fid_eval  # pylint: disable=g-import-not-at-top
+    report.update(fid_eval.fid_and_is(config, workdir, samples))
+  if "bpd" in metrics:
+    report.update(bits_per_dim(config, model, tables, mesh, params))
+  logging.info("Evaluation at step %d:\n%s", step, json.dumps(report, indent=2, default=str))
+  if jax.process_index() == 0:
+    path = epath.Path(workdir) / "eval" / f"step_{step}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=str))
+  return report
+
+
+def cache_dir() -> str:
+  """Where offline metric networks (the digits classifier) are cached: $DDPM_JAX_CACHE."""
+  return os.environ.get("DDPM_JAX_CACHE", os.path.expanduser("~/.cache/ddpm_jax"))

@@ -1,0 +1,115 @@
+"""The record of each run segment's config, and the checks a resume makes against it.
+
+`workdir/config.json` is the config of the first segment and is never overwritten; a run that
+resumes from step s writes `workdir/config_resume_<s>.json`. Both are written only after the
+checks below pass, so a refused resume leaves the record as it was.
+
+On resume the new config is compared with the config of the segment that wrote the checkpoint:
+  * fields that change the params' shapes or the state's structure fail (before any compile);
+  * fields that change the diffusion process being learnt (schedule, T, parameterisation,
+    variance, loss) fail unless `training.allow_config_change=True`;
+  * any other change (lr, batch, steps, intervals, ...) is logged as a diff.
+"""
+
+import json
+import re
+
+from absl import logging
+from etils import epath
+import ml_collections
+
+from ddpm_jax import config_lib
+
+# Fields that change the params' shapes (model.dropout and model.dtype do not).
+_NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
+_ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels")
+# Fields whose change makes the checkpoint's optimiser or importance state another pytree.
+_STRUCTURE = ("diffusion.t_sampling",)
+# The diffusion process and what the network is trained to predict of it.
+PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_terminal_snr",
+           "diffusion.model_output", "diffusion.model_var", "diffusion.loss",
+           "diffusion.hybrid_lambda", "diffusion.weighting", "diffusion.p2_k", "diffusion.p2_gamma",
+           "diffusion.min_snr_gamma")
+# Fields added after runs were recorded, with the value those runs had.
+_ADDED_FIELDS = {"model.num_classes": 0}
+_RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
+
+
+def _flat(config) -> dict:
+  d = config if isinstance(config, dict) else json.loads(config_lib.config_to_json(config))
+  return config_lib._flatten(d)  # pylint: disable=protected-access
+
+
+def segment_config(workdir: str, step: int) -> dict | None:
+  """The flat config of the segment that wrote checkpoint `step` (None if none is recorded)."""
+  root = epath.Path(workdir)
+  best, best_start = None, -2
+  if (root / "config.json").exists():
+    best, best_start = root / "config.json", -1
+  for path in root.glob("config_resume_*.json"):
+    start = int(_RESUME_NAME.search(path.name).group(1))
+    if best_start < start <= step:
+      best, best_start = path, start
+  if best is None:
+    return None
+  # Runs recorded before a field existed ran with its neutral value.
+  return {**_ADDED_FIELDS, **_flat(json.loads(best.read_text()))}
+
+
+def differences(old: dict, new: dict) -> dict:
+  return {k: (old.get(k), new.get(k)) for k in sorted(old.keys() | new.keys())
+          if old.get(k) != new.get(k)}
+
+
+def _format(diff: dict) -> str:
+  return "".join(f"\n  {k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+
+
+def architecture_fields(diff: dict) -> dict:
+  return {k: v for k, v in diff.items()
+          if (k.startswith("model.") and k not in _NOT_ARCHITECTURE) or k in _ARCHITECTURE_EXTRA}
+
+
+def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int) -> dict:
+  """Compares `config` with the config that wrote checkpoint `step`; returns the diff.
+
+  Raises:
+    ValueError: on an architecture or state-structure change, or a diffusion-process change
+      without `training.allow_config_change`.
+  """
+  old = segment_config(workdir, step)
+  if old is None:
+    logging.warning("No config.json in %s: cannot check the resume config against the run's.",
+                    workdir)
+    return {}
+  diff = differences(old, _flat(config))
+  arch = architecture_fields(diff)
+  structure = {k: v for k, v in diff.items() if k in _STRUCTURE}
+  old_clip, new_clip = diff.get("optim.grad_clip", (None, None))
+  if old_clip is not None and new_clip is not None and (old_clip > 0) != (new_clip > 0):
+    structure["optim.grad_clip"] = (old_clip, new_clip)
+  if arch or structure:
+    raise ValueError(
+        f"Cannot resume {workdir} at step {step}: these fields differ from the run's config and "
+        f"change the shape of its params or of its optimiser state:{_format({**arch, **structure})}"
+        f"\nResume with the run's values (see {workdir}/config.json), or start a new workdir.")
+  process = {k: v for k, v in diff.items() if k in PROCESS}
+  if process and not config.training.get("allow_config_change", False):
+    raise ValueError(
+        f"Resuming {workdir} at step {step} would change the diffusion process the model has "
+        f"been learning:{_format(process)}\nResume with the run's values, or pass "
+        "--config.training.allow_config_change=True if this is intended (e.g. fine-tuning).")
+  if diff:
+    logging.warning("Resuming at step %d with a config that differs from the run's in %d keys:%s",
+                    step, len(diff), _format(diff))
+  return diff
+
+
+def record(config: ml_collections.ConfigDict, workdir: str, resume_step: int | None) -> None:
+  """Writes config.json (first segment, never overwritten) or config_resume_<step>.json."""
+  root = epath.Path(workdir)
+  if (root / "config.json").exists():
+    name = f"config_resume_{resume_step or 0}.json"
+  else:
+    name = "config.json"
+  (root / name).write_text(config_lib.config_to_json(config))

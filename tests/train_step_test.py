@@ -1,0 +1,130 @@
+"""Properties of one train step that a broken trainer would violate (tiny U-Net, 4 CPU devices).
+
+Each test states a closed form the step must satisfy: fresh t and noise every step, the EMA
+formula, the clipped first Adam moment, the importance-sampling history, the all-finite flag
+over the *updated* params, and the warm-up at `warmup_steps=0`.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ddpm_jax import config_lib
+from ddpm_jax import input_pipeline
+from ddpm_jax import models
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+from helpers import tiny_config
+
+
+def _setup(**overrides):
+  config = tiny_config(**overrides)
+  mesh = train_step_lib.make_mesh()
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  state = train_state_lib.create_train_state(config, model, mesh)
+  step = config_lib.train_step_from_config(config, model, tables, mesh)
+  image = next(input_pipeline.create_train_iterator(config))["image"]
+  return config, mesh, state, step, image
+
+
+def _batch(mesh, image):
+  flags = np.zeros(jax.device_count(), np.bool_)
+  return train_step_lib.global_batch(mesh, {"image": image, "preempt": flags})
+
+
+def _named(tree, name):
+  """The leaves of `tree` under any attribute or key called `name` (e.g. Adam's 'mu')."""
+  return [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if f".{name}" in jax.tree_util.keystr(path) or f"'{name}'" in jax.tree_util.keystr(path)]
+
+
+def test_each_step_draws_new_timesteps_and_noise():
+  # lr = 0 keeps the params fixed, so on one batch the loss changes only through t and noise.
+  _, mesh, state, step, image = _setup(**{"optim.lr": 0.0, "optim.warmup_steps": 0})
+  before = jax.device_get(state.params)
+  state, m1 = step(state, _batch(mesh, image))
+  state, m2 = step(state, _batch(mesh, image))
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(jax.device_get(state.params))):
+    np.testing.assert_array_equal(a, b)
+  assert float(m1["loss"]) != float(m2["loss"])
+
+
+def test_ema_after_one_step_is_decay_times_init_plus_rest_times_params():
+  decay = 0.9
+  _, mesh, state, step, image = _setup(**{"training.ema_decay": decay, "optim.lr": 1e-2,
+                                          "optim.warmup_steps": 0})
+  init = jax.device_get(state.params)
+  state, _ = step(state, _batch(mesh, image))
+  params, ema = jax.device_get(state.params), jax.device_get(state.ema_params)
+  moved = max(float(np.max(np.abs(p - i))) for p, i in
+              zip(jax.tree.leaves(params), jax.tree.leaves(init)))
+  assert moved > 1e-3  # otherwise an inverted formula would agree too
+  for i, p, e in zip(jax.tree.leaves(init), jax.tree.leaves(params), jax.tree.leaves(ema)):
+    np.testing.assert_allclose(e, decay * i + (1 - decay) * p, rtol=1e-6, atol=1e-7)
+
+
+def test_huge_gradient_first_adam_moment_is_bounded_by_the_clip_norm():
+  # The trainer's own optimiser and state, fed a gradient of global norm 1e6.
+  clip, b1 = 1.0, 0.9
+  config = tiny_config(**{"optim.grad_clip": clip, "optim.b1": b1})
+  state = train_state_lib.create_train_state(config, models.create_model(config),
+                                             train_step_lib.make_mesh())
+  grads = jax.tree.map(jnp.ones_like, state.params)
+  grads = jax.tree.map(lambda g: g * 1e6 / optax.tree.norm(grads), grads)
+  _, opt_state = state.tx.update(grads, state.opt_state, state.params)
+  mu = _named(opt_state, "mu")
+  assert mu
+  # After one step mu = (1 - b1) * clipped gradient, whose global norm is at most `clip`.
+  np.testing.assert_allclose(float(optax.tree.norm(mu)), (1 - b1) * clip, rtol=1e-5)
+
+
+def test_importance_sampled_steps_fill_the_history_with_the_gathered_losses():
+  config, mesh, state, step, image = _setup(**{"diffusion.t_sampling": "importance",
+                                               "optim.lr": 0.0, "optim.warmup_steps": 0})
+  batch, k = config.training.batch_size, 2
+  losses_seen = []
+  for _ in range(k):
+    state, metrics = step(state, _batch(mesh, image))
+    losses_seen.append(float(metrics["loss"]))
+  history, counts = (np.asarray(x) for x in jax.device_get((state.importance.history,
+                                                            state.importance.counts)))
+  # Every example of every step is one entry of the history (no t is drawn 10 times here).
+  assert counts.max() < history.shape[1]
+  assert counts.sum() == k * batch
+  filled = np.arange(history.shape[1])[None, :] < counts[:, None]
+  assert np.all(history[filled] > 0) and np.all(history[~filled] == 0)
+  # Until the history is full p(t) is uniform, so the weights are 1 and the step's loss is the
+  # plain mean of its examples' losses, the very values the history holds.
+  np.testing.assert_allclose(history.sum(), batch * sum(losses_seen), rtol=1e-5)
+
+
+def test_finite_flag_checks_the_updated_params():
+  # lr = 1e39 overflows the params although the loss and gradient (from the old params) are finite.
+  _, mesh, state, step, image = _setup(**{"optim.lr": 1e39, "optim.warmup_steps": 0})
+  state, metrics = step(state, _batch(mesh, image))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(metrics["finite"]) == 0
+
+
+def test_skip_nonfinite_updates_keeps_the_old_state():
+  _, mesh, state, step, image = _setup(**{"optim.lr": 1e39, "optim.warmup_steps": 0,
+                                          "training.skip_nonfinite_updates": True})
+  before = jax.device_get(state)
+  state, metrics = step(state, _batch(mesh, image))
+  after = jax.device_get(state)
+  assert int(metrics["skipped"]) == 1 and int(metrics["finite"]) == 1
+  assert int(after.step) == int(before.step) + 1
+  for name in ("params", "ema_params", "opt_state"):
+    for a, b in zip(jax.tree.leaves(getattr(before, name)), jax.tree.leaves(getattr(after, name))):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_learning_rate_warmup(warmup):
+  config = tiny_config(**{"optim.warmup_steps": warmup, "optim.lr": 1e-3})
+  schedule = train_state_lib.learning_rate_schedule(config.optim)
+  expected = [1e-3 * min(1.0, s / warmup) if warmup else 1e-3 for s in range(6)]
+  np.testing.assert_allclose([float(schedule(s)) for s in range(6)], expected, rtol=1e-6)
