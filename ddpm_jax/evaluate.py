@@ -60,7 +60,10 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
                                       trajectory_every=s.trajectory_every)
   samples, traj = generation.draw_samples(config, sample_fn, params, s.num_samples,
                                           first_batch_fn=traj_fn)
-  stem = epath.Path(workdir) / "samples" / f"{generation.sampler_label(config)}_step{step}"
+  label = generation.sampler_label(config)
+  if config.model.get("num_classes", 0) > 0:  # e.g. ddim_50_class3_w1.0 (class -1: all)
+    label += f"_class{s.class_label}_w{s.guidance_scale}"
+  stem = epath.Path(workdir) / "samples" / f"{label}_step{step}"
   path = stem.with_suffix(".npz")
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)

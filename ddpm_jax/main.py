@@ -69,8 +69,8 @@ def main(argv):
   from ddpm_jax import logging_lib  # pylint: disable=g-import-not-at-top
   logging_lib.setup_console()
   # Imported after jax.distributed so that nothing touches the backend before it is set up.
-  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
   from ddpm_jax import train  # pylint: disable=g-import-not-at-top
 
   config, workdir = _CONFIG.value, _WORKDIR.value

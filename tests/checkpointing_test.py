@@ -71,9 +71,13 @@ def _files(root, pattern):
 
 
 def _truncate_data_file(step_dir):
-  (path,) = _files(os.path.join(step_dir, "state"), r"[0-9a-f]{20,}")[-1:]
-  with open(path, "r+b") as f:
-    f.truncate(os.path.getsize(path) // 2)
+  """Halves every array data file of the OCDBT store (state/ocdbt.process_*/d/*)."""
+  paths = [p for p in _files(os.path.join(step_dir, "state"), r"[0-9a-f]{20,}")
+           if os.sep + "ocdbt.process_" in p]
+  assert paths
+  for path in paths:
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
 
 
 def _empty_manifest(step_dir):

@@ -7,7 +7,9 @@ import subprocess
 import time
 
 import numpy as np
+import pytest
 
+from ddpm_jax import checkpointing
 from ddpm_jax import input_pipeline
 from helpers import checkpoint_entries
 from helpers import main_command
@@ -48,7 +50,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     proc.send_signal(signal.SIGTERM)
     (code,) = wait_all([proc], timeout=120)
   log = read_log(log_dir)
-  assert code == 0, log[-5000:]
+  assert code == checkpointing.EXIT_PREEMPTED == 75, log[-5000:]
   match = re.search(r"SIGTERM received: saved step (\d+)", log)
   assert match, log[-5000:]
   saved = int(match.group(1))
@@ -64,3 +66,28 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
   for _ in range(saved):
     next(fresh)
   np.testing.assert_array_equal(next(restored)["image"], next(fresh)["image"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", ["import", "compile"])
+def test_sigterm_during_start_up_exits_cleanly_as_preempted(tmp_path, moment):
+  """A SIGTERM before the first step (imports take seconds, then the restore and compile) ends
+  the run with the preemption status and no traceback, having nothing new to save."""
+  workdir, log_dir = tmp_path / "run", tmp_path / "logs"
+  overrides = {"training.num_train_steps": NEVER}
+  with spawned([main_command(workdir, **overrides)], subprocess_env(4), log_dir) as (proc,):
+    deadline = time.monotonic() + 240
+    if moment == "import":
+      time.sleep(1.0)
+    else:  # once the model is built, while the train step compiles
+      while "parameters." not in read_log(log_dir):
+        assert proc.poll() is None, read_log(log_dir)[-5000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    (code,) = wait_all([proc], timeout=180)
+  log = read_log(log_dir)
+  assert code == checkpointing.EXIT_PREEMPTED, log[-5000:]
+  assert "Traceback" not in log, log[-5000:]
+  assert "SIGTERM received before the first step" in log
+  assert not os.path.exists(workdir / "checkpoints") or checkpoint_entries(workdir) == []

@@ -290,3 +290,45 @@ def test_one_step_end_to_end_on_mock_cifar10(tmp_path):
   (line,) = read_metrics(workdir)
   assert line["step"] == 1 and np.isfinite(line["loss"])
   _check_grid(os.path.join(workdir, "samples", "grid_00000001.png"), image_size=32, channels=3)
+
+
+def test_workdir_that_is_a_file_fails_before_compiling(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", _no_compiling)
+  path = tmp_path / "run"
+  path.write_text("not a directory")
+  with pytest.raises(ValueError, match=r"is a file, not a directory"):
+    train.train_and_evaluate(tiny_config(), str(path))
+
+
+def test_unknown_dataset_is_named_before_any_metric_check(tmp_path, monkeypatch):
+  monkeypatch.setattr(jax, "jit", _no_compiling)
+  config = tiny_config(**{"data.dataset": "digitz", "eval.metrics": ("digits_score",)})
+  with pytest.raises(ValueError, match=r"data\.dataset 'digitz'.*'digits'"):
+    train.train_and_evaluate(config, str(tmp_path / "run"))
+
+
+def test_bits_per_dim_over_an_uneven_last_batch_is_the_mean_over_real_examples():
+  from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import quality  # pylint: disable=g-import-not-at-top
+  # 360 held-out digits in batches of 16: the last batch holds 8 real and 8 padded examples.
+  config = tiny_config(**{"eval.batch_size": 16, "eval.bpd_num_examples": 0})
+  mesh = train_step_lib.make_mesh()
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  params = train_state_lib.create_train_state(config, model, mesh).params
+  report = quality.bits_per_dim(config, model, tables, mesh, params)
+  assert report["bpd_num_examples"] == 360
+
+  d = config.diffusion
+  model_fn = lambda p: lambda x, t: model.apply({"params": p}, x, t, train=False)
+  vlb = jax.jit(lambda p, x, r: losses.vlb_bpd(model_fn(p), tables, x, r,
+                                              model_output=d.model_output,
+                                              model_var=d.model_var, clip_x0=d.clip_x0))
+  rng = jax.random.PRNGKey(config.training.seed + 1)
+  real = []
+  for i, batch in enumerate(input_pipeline.create_eval_iterator(config)):
+    total = np.asarray(vlb(params, batch["image"], jax.random.fold_in(rng, i))["total"])
+    real.append(total[np.asarray(batch["mask"])])
+  real = np.concatenate(real)
+  assert real.size == 360
+  np.testing.assert_allclose(report["bpd_total"], real.mean(), rtol=1e-5)

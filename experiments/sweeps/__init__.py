@@ -11,6 +11,12 @@ The dict holds the fields of `experiments.sweep.Sweep`:
           'diffusion.model_var': 'learned_range'}.
   points: [{dotted key: value, ...}, ...] explicit points, added after the grid's; an optional
           'name' key names the point.
+  checkpoint: optional; a trained run's workdir. The sweep is then sample-only: nothing trains,
+          and every point runs `--mode=eval` on that run's checkpoints (linked into the point's
+          own workdir, so each report lands in <point>/eval/). `--checkpoint=DIR` replaces it.
+  plot:   optional line plot {'x': key, 'y': key, 'series': label key, 'floor': key,
+          'logx': bool, 'title': str}; keys are eval-report keys or point labels. It is written
+          as <name>_lines.png.
 
 Sweep files are data: they import nothing from the runner, so reading one never starts JAX.
 """

@@ -1,0 +1,131 @@
+"""Classifier-free and classifier guidance wrappers (ddpm_jax/sampling/guidance.py)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from ddpm_jax import conditioning
+from ddpm_jax import diffusion
+from ddpm_jax import models
+from ddpm_jax import sampling
+from ddpm_jax import schedules
+from ddpm_jax.models import classifier
+from ddpm_jax.sampling import guidance
+from tests import helpers
+
+T = 20
+TABLES = schedules.make_tables(schedules.get_beta_schedule("linear", T, False), dtype=jnp.float32)
+COND = models.TinyUNet(out_channels=2, num_classes=3)  # learned-variance-sized output
+
+
+def _random(shapes, seed=0):
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), jnp.float32),
+                      shapes)
+
+
+PARAMS = _random(models.param_shapes(COND, 8, 1))
+
+
+def cond_fn(x, t, y):
+  return COND.apply({"params": PARAMS}, x, t, y, train=False)
+
+
+def _x(b=4, seed=1):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal((b, 8, 8, 1)), jnp.float32)
+
+
+def test_batched_pass_equals_two_separate_passes_and_keeps_cond_variance():
+  x, t, y, w = _x(), jnp.array([3.0, 7.5, 12.0, 19.0]), jnp.array([0, 1, 2, 1]), 2.0
+  fn = guidance.classifier_free(cond_fn, y, 3, w, model_var="learned_range")
+  got = np.asarray(jax.jit(fn)(x, t))
+  c = np.asarray(jax.jit(cond_fn)(x, t, y))
+  u = np.asarray(jax.jit(cond_fn)(x, t, jnp.full((4,), 3)))
+  want = (1 + w) * c[..., :1] - w * u[..., :1]
+  np.testing.assert_allclose(got[..., :1], want, atol=1e-5)
+  np.testing.assert_allclose(got[..., 1:], c[..., 1:], atol=1e-6)
+
+
+def test_interval_limits_guidance_to_its_timesteps():
+  x, t, y = _x(), jnp.array([2.0, 8.0, 12.0, 18.0]), jnp.array([0, 1, 2, 1])
+  fn = guidance.classifier_free(cond_fn, y, 3, 4.0, model_var="fixed_large", interval=(5, 15))
+  got, c = np.asarray(jax.jit(fn)(x, t)), np.asarray(jax.jit(cond_fn)(x, t, y))
+  inside = np.array([False, True, True, False])
+  np.testing.assert_allclose(got[~inside], c[~inside], atol=1e-5)
+  assert np.abs(got[inside] - c[inside]).max() > 1e-2
+
+
+def test_w0_equals_plain_conditional_sampling_bitwise():
+  config = helpers.tiny_config("digits", **{"model.num_classes": 3,
+                                            "diffusion.model_var": "learned_range",
+                                            "sampling.class_label": 2,
+                                            "sampling.guidance_scale": 0.0})
+  sample_fn = sampling.get_sampler("ddim", TABLES, model_var="learned_range", num_steps=5)
+  y = jnp.full((4,), 2, jnp.int32)
+  guided = conditioning.guided_model_fn(config, cond_fn, 4)
+  run = lambda fn: jax.jit(lambda r: sample_fn(fn, r, (4, 8, 8, 1))[0])(jax.random.key(0))
+  np.testing.assert_array_equal(np.asarray(run(guided)),
+                                np.asarray(run(lambda x, t: cond_fn(x, t, y))))
+
+
+@pytest.mark.parametrize("output", ["x0", "v"])
+def test_cfg_on_x0_and_v_outputs_is_cfg_on_the_implied_eps(output):
+  x, t = _x(), jnp.array([3.0, 7.0, 12.0, 19.0])
+  c, u = jax.jit(cond_fn)(x, t, jnp.array([0, 1, 2, 1])), jax.jit(cond_fn)(x, t, jnp.full(4, 3))
+  ti = t.astype(jnp.int32)
+  to_eps = {"x0": lambda p: diffusion.eps_from_x0(TABLES, x, ti, p),
+            "v": lambda p: diffusion.eps_from_v(TABLES, x, ti, p)}[output]
+  w = 1.5
+  guided = guidance.combine(c[..., :1], u[..., :1], w, "fixed_large")
+  np.testing.assert_allclose(to_eps(guided), (1 + w) * to_eps(c[..., :1]) - w * to_eps(u[..., :1]),
+                             atol=2e-4)
+
+
+CLS = classifier.NoisyClassifier(num_classes=3, ch=16, ch_mult=(1, 2), num_res_blocks=1,
+                                 attn_resolutions=(), num_groups=8)
+CLS_PARAMS = _random(jax.eval_shape(lambda: CLS.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
+                                                     jnp.zeros((1,)), train=False))["params"], 3)
+LOG_PROB = classifier.log_prob_fn(CLS, CLS_PARAMS)
+
+
+def test_classifier_gradient_matches_finite_differences():
+  x, t, y = _x(2, 5), jnp.array([4.0, 11.0]), jnp.array([2, 0])
+  g = np.asarray(jax.jit(lambda x_: guidance.classifier_grad(LOG_PROB, x_, t, y))(x))
+  f = jax.jit(lambda x_: jnp.take_along_axis(LOG_PROB(x_, t), y[:, None], -1)[:, 0])
+  rng = np.random.default_rng(0)
+  h = 1e-2
+  for _ in range(3):  # directional derivatives along random unit directions
+    v = rng.standard_normal(x.shape).astype(np.float32)
+    v /= np.linalg.norm(v.reshape(2, -1), axis=1)[:, None, None, None]
+    fd = (np.asarray(f(x + h * v)) - np.asarray(f(x - h * v))) / (2 * h)
+    np.testing.assert_allclose(np.sum((g * v).reshape(2, -1), 1), fd, rtol=2e-2, atol=2e-3)
+
+
+def test_classifier_guidance_shifts_eps_and_ancestral_mean_as_in_dhariwal_nichol():
+  x, t, y, s = _x(2, 6), jnp.array([4.0, 11.0]), jnp.array([2, 0]), 3.0
+  eps_fn = lambda x_, t_: cond_fn(x_, t_, None)[..., :1]
+  g = guidance.classifier_grad(LOG_PROB, x, t, y)
+  sqrt_1m_abar = jnp.sqrt(1 - TABLES.abar[t.astype(jnp.int32)]).reshape(-1, 1, 1, 1)
+  alg2 = guidance.classifier_guidance(eps_fn, LOG_PROB, y, s, TABLES, model_output="eps",
+                                      model_var="fixed_small", mode="eps")
+  np.testing.assert_allclose(alg2(x, t), eps_fn(x, t) - s * sqrt_1m_abar * g, atol=1e-5)
+  alg1 = guidance.classifier_guidance(eps_fn, LOG_PROB, y, s, TABLES, model_output="eps",
+                                      model_var="fixed_small", mode="ancestral")
+  ti = t.astype(jnp.int32)
+  pmv = lambda out: diffusion.p_mean_variance(TABLES, out, x, ti, model_output="eps",
+                                              model_var="fixed_small", clip_x0=False)
+  plain, guided = pmv(eps_fn(x, t)), pmv(alg1(x, t))
+  np.testing.assert_allclose(guided.mean, plain.mean + s * plain.var * g, atol=1e-5)
+
+
+def test_guidance_on_an_unconditional_model_and_bad_labels_fail_before_compile():
+  config = helpers.tiny_config("digits", **{"sampling.guidance_scale": 1.0})
+  with pytest.raises(ValueError, match="class-conditional model"):
+    conditioning.check_guidance(config)
+  config = helpers.tiny_config("digits", **{"model.num_classes": 10, "sampling.class_label": 10})
+  with pytest.raises(ValueError, match="valid labels are 0..9"):
+    conditioning.check_guidance(config)
+  config = helpers.tiny_config("digits", **{"data.label_key": "", "model.num_classes": 10})
+  with pytest.raises(ValueError, match="needs labels"):
+    conditioning.check_training_labels(config)
