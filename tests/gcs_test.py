@@ -137,4 +137,6 @@ def test_digits_run_on_gs_killed_and_resumed(gcs, tmp_path, monkeypatch):
       pos += 12 + length + 4
       if any(v.tag == "loss" for v in event.summary.value):
         tb_steps.add(event.step)
-  assert tb_steps >= {10, 15, 20}, tb_steps
+  # The killed segment's events may be lost (uploads happen every TB_UPLOAD_EVERY_S and at close;
+  # SIGKILL allows neither); the resumed segment's must all be there.
+  assert tb_steps >= {15, 20}, tb_steps
