@@ -19,7 +19,7 @@ def _digits(**overrides):
 @pytest.mark.parametrize("overrides, match", [
     ({"diffusion.schedule": "nope"}, r"diffusion.schedule 'nope'.*cosine"),
     ({"diffusion.loss": "l1"}, r"diffusion.loss 'l1'.*hybrid"),
-    ({"sampling.sampler": "euler"}, r"sampling.sampler 'euler'.*dpm_solver_pp"),
+    ({"sampling.sampler": "unipc"}, r"sampling.sampler 'unipc'.*dpm_solver_pp"),
     ({"model.dtype": "float16"}, r"model.dtype 'float16'.*bfloat16"),
     ({"eval.metrics": ("fid", "kid")}, r"eval metric 'kid'"),
     ({"training.log_every": 0}, r"training.log_every must be positive"),

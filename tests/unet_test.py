@@ -260,3 +260,16 @@ def test_create_model_reads_num_classes():
   assert models.create_model(config).num_classes == 0
   config.model.num_classes = 10
   assert models.create_model(config).num_classes == 10
+
+
+def test_runs_recorded_before_num_classes_existed_still_resume(tmp_path):
+  import json  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import config_lib, run_config  # pylint: disable=g-import-not-at-top
+  config = digits.get_config()
+  old = json.loads(config_lib.config_to_json(config))
+  del old["model"]["num_classes"]  # a config.json written before model.num_classes
+  (tmp_path / "config.json").write_text(json.dumps(old))
+  assert "model.num_classes" not in run_config.check_resume(config, str(tmp_path), 10)
+  config.model.num_classes = 10
+  with pytest.raises(ValueError, match="model.num_classes"):
+    run_config.check_resume(config, str(tmp_path), 10)
