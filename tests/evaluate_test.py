@@ -277,7 +277,9 @@ def test_fid_reference_stats_cover_the_split_and_are_cached(tmp_path, fake_incep
   assert result["fid_num_samples"] == TEST_SPLIT_SIZE
   assert result["fid_reference_split"] == "test"
 
-  cached = fid.FeatureStats.load(tmp_path / "fid_stats" / "digits_test_8.npz")
+  key = fid_eval.stats_cache_key(config)
+  assert key.startswith("digits_test_8_cropnone_")  # dataset, split, size, crop, weights hash
+  cached = fid.FeatureStats.load(tmp_path / "fid_stats" / f"{key}.npz")
   assert cached.n == TEST_SPLIT_SIZE
   expected = fid.FeatureStats.from_features(feature_fn(np.repeat(real, 3, axis=-1))["pool3"])
   np.testing.assert_allclose(cached.mu, expected.mu, rtol=1e-10)
@@ -306,7 +308,8 @@ def test_eval_fid_embeds_rgb_samples_against_the_whole_split(trained, fake_incep
   assert np.isfinite(report["inception_score"])
   # 8 reference batches, then the 12 samples in one padded batch.
   assert feature_fn.calls == 8 + 1
-  assert os.path.exists(os.path.join(config.eval.fid_stats_dir, "digits_test_8.npz"))
+  assert os.path.exists(os.path.join(config.eval.fid_stats_dir,
+                                     f"{fid_eval.stats_cache_key(config)}.npz"))
 
 
 def test_cli_sample_mode_writes_the_same_samples(trained, ddim_samples):

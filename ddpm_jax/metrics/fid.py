@@ -113,6 +113,37 @@ class FeatureStatsAccumulator:
     self._s1 += xc.sum(axis=0)
     self._s2 += xc.T @ xc
 
+  def merged(self, reduce_sum: Callable[[np.ndarray], np.ndarray]) -> FeatureStats:
+    """The statistics of the union of every process's features (Chan et al., 1979).
+
+    ``reduce_sum`` sums a float64 array over processes (the identity on one). Two reductions:
+    first ``[n, sum_i x_i]`` gives the global mean ``m``; then each process's scatter about
+    ``m``, ``s2 - s1 d^T - d s1^T + n d d^T`` with ``d = m - c`` (its shift ``c``), is summed, so
+    nothing is shifted by a per-process constant that the others do not know. A process that
+    saw no features contributes zeros.
+    """
+    dim = self._dim_for_merge(reduce_sum)
+    s1 = np.zeros(dim) if self._s1 is None else self._s1
+    shift = np.zeros(dim) if self._shift is None else self._shift
+    first = reduce_sum(np.concatenate([[float(self._n)], self._n * shift + s1]))
+    n = int(round(first[0]))
+    if n < 2:
+      raise ValueError(f'Need at least 2 feature vectors, got {n}.')
+    mean = first[1:] / n
+    d = mean - shift
+    s2 = np.zeros((dim, dim)) if self._s2 is None else self._s2
+    scatter = s2 - np.outer(s1, d) - np.outer(d, s1) + self._n * np.outer(d, d)
+    sigma = reduce_sum(scatter) / (n - 1)
+    return FeatureStats(mu=mean, sigma=0.5 * (sigma + sigma.T), n=n)
+
+  def _dim_for_merge(self, reduce_sum) -> int:
+    """The feature dimension, from the processes that saw features (one that saw none: 0)."""
+    has = 0.0 if self._shift is None else 1.0
+    total = reduce_sum(np.array([has, has * (0 if self._shift is None else len(self._shift))]))
+    if total[0] == 0:
+      raise ValueError('Need at least 2 feature vectors, got 0.')
+    return int(round(total[1] / total[0]))
+
   def result(self) -> FeatureStats:
     """The statistics of everything added so far (needs n >= 2)."""
     if self._n < 2:
@@ -236,14 +267,38 @@ def inception_score(logits_or_probs, num_splits: int = 10,
     is_probs = bool((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0,
                                                    atol=1e-4))
   probs = x if is_probs else special.softmax(x, axis=1)
+  return inception_score_of_share(probs, 0, n, num_splits)
 
-  scores = []
-  for k in range(num_splits):
-    part = probs[k * n // num_splits:(k + 1) * n // num_splits]
-    p_y = part.mean(axis=0, keepdims=True)
-    # rel_entr(p, q) = p log(p / q) with 0 log 0 = 0, so one-hot rows are fine.
-    kl = special.rel_entr(part, p_y).sum(axis=1).mean()
-    scores.append(np.exp(kl))
+
+def inception_score_of_share(probs, offset: int, total: int, num_splits: int = 10,
+                             reduce_sum: Callable[[np.ndarray], np.ndarray] = lambda a: a
+                             ) -> tuple[float, float]:
+  """``inception_score`` of ``total`` predictions held in contiguous shares by many processes.
+
+  This process holds rows ``offset ... offset + len(probs) - 1`` of the [total, K] class
+  probabilities. Part k is rows ``[k total / S, (k+1) total / S)``; its ``p(y)`` is the sum of
+  its rows over all processes (``reduce_sum``) over its size, and its score
+  ``exp(sum_x KL(p(y|x) || p(y)) / size)`` likewise needs only the reduced per-part KL sums.
+  With one process (``offset=0``, identity reduction) this is the single-host computation.
+
+  Returns:
+    ``(mean, std)`` over the parts, identical on every process.
+  """
+  probs = np.asarray(probs, np.float64).reshape(-1, np.shape(probs)[-1])
+  if not 1 <= num_splits <= total:
+    raise ValueError(f'num_splits must be in [1, {total}], got {num_splits}.')
+  bounds = [k * total // num_splits for k in range(num_splits + 1)]
+  rows = np.arange(offset, offset + probs.shape[0])
+  part_of = np.searchsorted(bounds, rows, side='right') - 1  # the part each local row is in
+  sizes = np.diff(bounds).astype(np.float64)
+  prob_sums = np.zeros((num_splits, probs.shape[1]))
+  np.add.at(prob_sums, part_of, probs)
+  p_y = reduce_sum(prob_sums) / sizes[:, None]
+  # rel_entr(p, q) = p log(p / q) with 0 log 0 = 0, so one-hot rows are fine.
+  kl = special.rel_entr(probs, p_y[part_of]).sum(axis=1)
+  kl_sums = np.zeros(num_splits)
+  np.add.at(kl_sums, part_of, kl)
+  scores = np.exp(reduce_sum(kl_sums) / sizes)
   return float(np.mean(scores)), float(np.std(scores))
 
 

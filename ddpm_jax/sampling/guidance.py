@@ -5,7 +5,7 @@ Pure functions of arrays and callables; nothing here reads a config.
 Classifier-free guidance (Ho & Salimans 2022, eq. 6), with w the guidance scale:
   eps~(x, c) = (1 + w) eps(x, c) - w eps(x, null).
 The weights (1 + w, -w) sum to one and, at fixed (x_t, t), x0 and v are affine functions of eps
-(x0 = (x_t - s eps) / alpha, v = (alpha eps - x0 ... ) / s), so the same combination applied to an
+(x0 = (x_t - s eps) / alpha, v = (eps - s x_t) / alpha), so the same combination applied to an
 x0 or v prediction gives exactly the guided eps: one formula serves every parameterisation.
 A learned variance keeps the conditional pass's variance channels (as GLIDE and ADM do).
 Both passes run as one forward pass on the concatenated batch [x; x] with labels [c; null].
