@@ -17,7 +17,10 @@ def get_config():
                          checkpoint_every=500, sample_every=500,
                          final_eval_metrics=("digits_score",))
   config.optim.update(lr=1e-3, warmup_steps=200)
-  config.sampling.update(sampler="ddim", num_steps=50, num_samples=500, batch_size=512,
-                         trajectory_every=5)
+  # DPM-Solver++(2M) SDE at 50 model calls: the best digits score at <= 50 NFE in
+  # experiments/results/digits_samplers.md, and better than 1000-step ancestral sampling on FD,
+  # mean confidence and IS, at the cost of DDIM-50.
+  config.sampling.update(sampler="dpm_solver_pp_sde", num_steps=50, num_samples=500,
+                         batch_size=512, trajectory_every=5)
   config.eval.update(metrics=("digits_score", "bpd"), batch_size=360, fid_split="train")
   return config

@@ -1,7 +1,8 @@
 """Orbax checkpoints of the train state together with the data iterator, and preemption.
 
 A checkpoint is one step directory holding two items: `state` (the TrainState, written by
-every process for its shards) and `data` (each process's grain iterator position). Orbax writes
+every process for its shards) and `data` (the global data-iterator position, one JSON file
+written by process 0), so any number of processes can restore it. Orbax writes
 into a temporary directory and renames it when complete, so a crash mid-save leaves the previous
 checkpoint as the newest complete one; `latest_step()` never returns a partial save.
 
@@ -16,7 +17,6 @@ import threading
 
 from absl import logging
 from etils import epath
-import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -27,6 +27,10 @@ from ddpm_jax.train_state import TrainState
 # Exit status of a run stopped by SIGTERM after saving: EX_TEMPFAIL from <sysexits.h>, "try
 # again later". A job wrapper restarts on 75 and stops on 0 (finished) or anything else (failed).
 EXIT_PREEMPTED = 75
+
+
+# The data item's one file: input_pipeline.TrainIterator.get_state() as JSON.
+DATA_FILE = "iterator.json"
 
 
 class NoRestorableCheckpointError(RuntimeError):
@@ -64,8 +68,10 @@ def create_manager(workdir: str, *, keep: int | None = 3, every: int = 1,
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
   registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
-  registry.add("data", grain.checkpoint.CheckpointSave, grain.checkpoint.CheckpointHandler)
-  registry.add("data", grain.checkpoint.CheckpointRestore, grain.checkpoint.CheckpointHandler)
+  # One JSON file, written by process 0: the iterator state is global (input_pipeline).
+  data_handler = ocp.handlers.JsonCheckpointHandler(DATA_FILE)
+  registry.add("data", ocp.args.JsonSave, data_handler)
+  registry.add("data", ocp.args.JsonRestore, data_handler)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
 
 
@@ -73,7 +79,7 @@ def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> N
   step = int(jax.device_get(state.step))
   items = {"state": ocp.args.StandardSave(state)}
   if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    items["data"] = ocp.args.JsonSave(data_iter.get_state())
   manager.save(step, args=ocp.args.Composite(**items), force=True)
 
 
@@ -89,10 +95,29 @@ def restore(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
   """
   step = manager.latest_step() if step is None else step
   items = {"state": ocp.args.StandardRestore(_abstract(target))}
-  if data_iter is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+  legacy = data_iter is not None and _per_process_data(manager, step)
+  if data_iter is not None and not legacy:
+    items["data"] = ocp.args.JsonRestore()
   restored = manager.restore(step, args=ocp.args.Composite(**items))
+  if legacy:
+    # Written before the global data order (one grain iterator per process): the positions
+    # cannot be mapped onto the new order, so the stream goes on at the global batch this
+    # step would have drawn in it, which any process count can do.
+    logging.warning("Checkpoint step %d stores one data-iterator state per process (written "
+                    "before the topology-free data order); resuming the data stream at global "
+                    "batch %d of the new order. The batches from here on differ from those the "
+                    "old run would have drawn; start a fresh workdir to avoid mixing orders.",
+                    step, step)
+    data_iter.set_state({**data_iter.get_state(), "position": step})
+  elif data_iter is not None:
+    data_iter.set_state(restored["data"])
   return restored["state"]
+
+
+def _per_process_data(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether the step's data item is the old per-process grain format (process_i-of-n.json)."""
+  data_dir = epath.Path(manager.directory) / str(step) / "data"
+  return data_dir.exists() and any(p.name.startswith("process_") for p in data_dir.iterdir())
 
 
 def _reason(error: BaseException) -> str:

@@ -18,6 +18,7 @@ from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
+import ml_collections
 import numpy as np
 from scipy import special
 

@@ -1,15 +1,15 @@
 """Image input pipeline: tfds ArrayRecord (or in-memory digits) -> grain -> NHWC float32 batches.
 
-Reading uses `tfds.data_source` (random access over ArrayRecord files, no TensorFlow) and grain,
-because grain's iterator state is a few integers that Orbax can checkpoint beside the train
-state, so a resumed run sees exactly the batches it would have seen, flips included (each record
-gets its own seeded RNG).
+Reading uses `tfds.data_source` (random access over ArrayRecord files, no TensorFlow) and grain.
+The training order is global: batch k of every run is a function of the config, the seed and k
+(see `_GlobalOrder`), each process reading its rows of it, so the iterator state is one global
+batch count that restores on any number of processes ("elastic resume"), flips included.
 
 Every element is a dict of NumPy arrays for THIS process only:
   'image': float32 [local_batch, H, W, C] in [-1, 1] (uint8 x -> x / 127.5 - 1),
   'label': int32 [local_batch], only for labelled data (see `label_key`),
   'mask':  bool [local_batch], eval batches only (False on padding).
-with local_batch = global batch // jax.process_count().
+with local_batch = global batch // jax.process_count() (rows p*local_batch.. of each global batch).
 """
 
 import dataclasses
@@ -70,11 +70,6 @@ DATASETS: dict[str, DatasetSpec] = {
     # data.data_dir holds the images (or ddpm_jax.pack_folder's output); any size, 1 or 3 channels.
     "folder": DatasetSpec(None, 32, 3, ("train",)),
 }
-
-# Threads only hide read latency (the transforms run under the GIL; num_workers scales out), and
-# grain scans its whole prefetch buffer on every element, so its default of 500 records costs
-# about half the throughput of a small buffer.
-_READ_OPTIONS = grain.ReadOptions(num_threads=4, prefetch_buffer_size=32)
 
 # sklearn's digits are 1,797 examples in a fixed order; the last 360 are the held-out split.
 _DIGITS_NUM_TRAIN = 1437
@@ -273,13 +268,17 @@ class _Preprocess(grain.transforms.Map):
     return out
 
 
-class _RandomFlip(grain.transforms.RandomMap):
-  """Horizontal flip with probability 1/2, decided per image by grain's per-record RNG."""
+class _Augment(grain.transforms.Map):
+  """_Preprocess, then the horizontal flip that `_GlobalOrder` decided for the record."""
 
-  def random_map(self, element: dict[str, np.ndarray], rng: np.random.Generator):
-    if rng.integers(2):
-      element = {**element, "image": element["image"][:, ::-1]}
-    return element
+  def __init__(self, preprocess: _Preprocess):
+    self._preprocess = preprocess
+
+  def map(self, element: dict[str, Any]) -> dict[str, np.ndarray]:
+    out = self._preprocess.map(element["record"])
+    if element["flip"]:
+      out["image"] = out["image"][:, ::-1]
+    return out
 
 
 class _ToFloat(grain.transforms.Map):
@@ -301,48 +300,151 @@ def _shard_options(shard_options: grain.sharding.ShardOptions | None,
   return shard_options
 
 
+# The iterator state's format tag; checkpoints without it predate the global order.
+STATE_FORMAT = "global-order-v1"
+_SHUFFLE_ROUNDS = 4
+
+
+class _GlobalOrder:
+  """This process's rows of the global batch stream, as an (effectively endless) sequence.
+
+  The training stream is the concatenation of epochs, epoch e being a permutation of all N
+  records seeded by (seed, e) (grain's Feistel `index_shuffle`, so no O(N) table). Global batch
+  k is stream positions q = k*B .. (k+1)*B - 1 (batches run on across epoch ends, so nothing
+  is dropped and N < B works). Process p of P reads rows p*B/P .. (p+1)*B/P - 1 of each global
+  batch; element i of this sequence is row p*B/P + i % (B/P) of batch `start + i // (B/P)`.
+  Whether position q is flipped is drawn from a generator seeded by (seed, e, q mod N). None of
+  this depends on P, so every topology trains on the same global batches.
+  """
+
+  def __init__(self, source: Any, *, seed: int, global_batch: int, shard_index: int,
+               shard_count: int, start: int, flip: bool):
+    self._source, self._seed, self._flip = source, seed, flip
+    self._num = len(source)
+    self._global, self._local = global_batch, _local_batch(global_batch, shard_count)
+    self._row0, self._start = shard_index * self._local, start
+
+  def __len__(self) -> int:
+    return self._local * 2**40  # endless in practice (2**40 steps)
+
+  def __repr__(self) -> str:
+    return (f"_GlobalOrder(source={self._source!r}, seed={self._seed}, batch={self._global}, "
+            f"row0={self._row0}, start={self._start})")
+
+  def position(self, index: int) -> int:
+    """Stream position q of element `index`."""
+    batch, row = divmod(index, self._local)
+    return (self._start + batch) * self._global + self._row0 + row
+
+  def record_index(self, position: int) -> tuple[int, int]:
+    """(epoch, record index) of stream position q."""
+    epoch, offset = divmod(position, self._num)
+    epoch_seed = int(np.random.SeedSequence([self._seed, epoch]).generate_state(1)[0])
+    if self._num == 1:
+      return epoch, 0
+    return epoch, int(grain.experimental.index_shuffle(offset, self._num - 1, epoch_seed,
+                                                       _SHUFFLE_ROUNDS))
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    epoch, record = self.record_index(self.position(index))
+    flip = False
+    if self._flip:
+      flip = bool(np.random.default_rng([self._seed, epoch, record]).integers(2))
+    return {"record": self._source[record], "flip": flip}
+
+
+class TrainIterator:
+  """This process's training batches, at a position that is one global batch count.
+
+  `get_state()` is {"format", "position" (global batches consumed), "batch_size", "seed",
+  "num_records"}: the same dict on every process and for every process count, so one copy
+  (written by process 0) restores on any topology. `set_state` moves the iterator there; the
+  grain pipeline (and its worker processes) is (re)built lazily on the next `next()`.
+  """
+
+  def __init__(self, make: Any, state: dict[str, Any]):
+    self._make, self._state, self._iterator = make, dict(state), None
+
+  def __iter__(self) -> "TrainIterator":
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self._iterator is None:
+      self.start_prefetch()
+    batch = next(self._iterator)
+    self._state["position"] += 1
+    return batch
+
+  def start_prefetch(self) -> None:
+    self._iterator = iter(self._make(self._state["position"]))
+
+  def get_state(self) -> dict[str, Any]:
+    return dict(self._state)
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Moves to `state["position"]`; the other fields must match this run's data."""
+    if state.get("format") != STATE_FORMAT:
+      raise ValueError(f"Data iterator state {state!r} is not in format {STATE_FORMAT!r}.")
+    for key in ("num_records",):
+      if state[key] != self._state[key]:
+        logging.warning("The checkpoint's data iterator had %s=%s, this run has %s: the data "
+                        "order from here on differs from the original run's.", key,
+                        state[key], self._state[key])
+    self._state["position"] = int(state["position"])
+    self._iterator = None
+
+
 def create_train_iterator(
     config: ml_collections.ConfigDict,
     *,
     shard_options: grain.sharding.ShardOptions | None = None,
-) -> grain.DataLoaderIterator:
-  """Returns an infinite, checkpointable iterator of this process's training batches.
+) -> TrainIterator:
+  """Returns an endless, checkpointable iterator of this process's rows of the global batches.
 
-  Each process reads a disjoint, equal-sized contiguous shard of config.data.train_split
-  (the up to process_count - 1 leftover examples are dropped), reshuffled every epoch from
-  config.training.seed. Save and restore its position with
-  `grain.checkpoint.CheckpointSave(it)` / `CheckpointRestore(it)` in an Orbax Composite.
+  Global batch k (training.batch_size records) is a function of the data config,
+  training.seed and k alone (see `_GlobalOrder`); this process gets its contiguous share of
+  the rows. Reading and decoding run in grain (threads, and data.num_workers processes that
+  each build whole batches, so the batches do not depend on the worker count either).
 
   Args:
     config: experiment config (reads `data` and `training.batch_size`, `training.seed`).
-    shard_options: which shard to read; defaults to this JAX process's. Tests pass one to
-      stand in for several processes.
+    shard_options: which rows to read (shard_index of shard_count processes); defaults to this
+      JAX process's. Tests pass one to stand in for several processes.
 
   Returns:
-    iter(grain.DataLoader) yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
+    A `TrainIterator` yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
     ('label' only for labelled data), B = training.batch_size // shard count.
   """
   data = config.data
   spec = _spec(data.dataset)
   shard_options = _shard_options(shard_options, drop_remainder=True)
-  local_batch = _local_batch(config.training.batch_size, shard_options.shard_count)
+  global_batch = config.training.batch_size
+  local_batch = _local_batch(global_batch, shard_options.shard_count)
   source = _open_source(data, data.train_split)
-  if len(source) // shard_options.shard_count < local_batch:
-    logging.warning("Shard of %d examples is smaller than one batch of %d; batches repeat "
-                    "examples across epochs.", len(source) // shard_options.shard_count,
-                    local_batch)
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard_options, shuffle=True, num_epochs=None,
-      seed=config.training.seed)
-  operations = [_Preprocess(spec, data.image_size, label_key(config, source))]
-  if data.random_flip:
-    operations.append(_RandomFlip())
-  operations += [grain.transforms.Batch(local_batch, drop_remainder=True), _ToFloat()]
-  loader = grain.DataLoader(
-      data_source=source, sampler=sampler, operations=operations, shard_options=shard_options,
-      worker_count=data.num_workers, worker_buffer_size=max(1, data.prefetch_batches),
-      read_options=_READ_OPTIONS)
-  return iter(loader)
+  if len(source) < global_batch:
+    logging.warning("The split has %d examples, fewer than one global batch of %d; batches "
+                    "repeat examples across epochs.", len(source), global_batch)
+  augment = _Augment(_Preprocess(spec, data.image_size, label_key(config, source)))
+  threads = max(2, data.prefetch_batches)
+
+  def make(start: int) -> grain.IterDataset:
+    rows = _GlobalOrder(source, seed=config.training.seed, global_batch=global_batch,
+                        shard_index=shard_options.shard_index,
+                        shard_count=shard_options.shard_count, start=start,
+                        flip=data.random_flip)
+    # Batching before the worker split: each worker builds whole batches, in order.
+    dataset = (grain.MapDataset.source(rows).map(augment)
+               .batch(local_batch, drop_remainder=True).map(_ToFloat())
+               .to_iter_dataset(grain.ReadOptions(num_threads=threads,
+                                                  prefetch_buffer_size=threads)))
+    if data.num_workers > 0:
+      dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
+          num_workers=data.num_workers, per_worker_buffer_size=max(1, data.prefetch_batches)))
+    return dataset
+
+  return TrainIterator(make, {"format": STATE_FORMAT, "position": 0,
+                              "batch_size": global_batch, "seed": config.training.seed,
+                              "num_records": len(source)})
 
 
 class _PaddedShard:

@@ -87,7 +87,8 @@ class MetricWriter:
   On a local workdir TensorBoard writes in place. On an object store, tensorboardX's own GCS
   writer retries a resumable upload for up to 120 s and has hung at exit against an emulator, so
   events are written to a local staging folder and each event file is uploaded whole (one put
-  through the same client as everything else) at most every `TB_UPLOAD_EVERY_S` and at `close`.
+  through the same client as everything else) at most every `TB_UPLOAD_EVERY_S`, at every
+  `flush` (each checkpoint) and at `close`.
   """
 
   def __init__(self, workdir: str, enabled: bool | None = None, first_step: int = 0):
@@ -124,6 +125,12 @@ class MetricWriter:
     if self.enabled:
       self._tb.add_image(tag, image_uint8, step, dataformats="HWC")
       self._maybe_upload_tb()
+
+  def flush(self) -> None:
+    """Uploads the staged TensorBoard events now. The trainer calls it after every checkpoint,
+    so a killed run loses no events up to the checkpoint it will resume from."""
+    if self.enabled and self._tb is not None:
+      self._maybe_upload_tb(force=True)
 
   def _maybe_upload_tb(self, force: bool = False) -> None:
     if self._staging is None:

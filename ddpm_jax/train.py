@@ -173,6 +173,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       if step % tc.checkpoint_every == 0 or final:
         _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never save a bad update
         checkpointing.save(manager, state, data_iter)
+        writer.flush()  # TensorBoard on a bucket: events up to the checkpoint survive a kill
       if step % tc.sample_every == 0 or (final and not preempted):
         _write_grid(config, workdir, writer, grid_sampler, state, step)
       if preempted:

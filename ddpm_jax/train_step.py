@@ -1,7 +1,12 @@
 """The data-parallel train step: pmap-style per-device code run by `jax.shard_map` under `jax.jit`.
 
 Params, EMA, optimiser state and RNG are replicated; the batch is split over the mesh's `data`
-axis, which spans every device of every host. Gradients and metrics are `lax.pmean`-ed over it.
+axis, which spans every device of every host. The step runs under shard_map's default
+varying-manual-axes check (`check_vma=True`): the state is *invariant* over `data`, the batch
+*varying*. Differentiating a device's loss with respect to invariant params transposes their
+implicit invariant -> varying cast into a `psum` over `data`, so the gradient arrives already
+summed over devices; each device therefore differentiates its share of the global mean,
+mean_local / N, and no further `pmean` of the gradient is taken (one would count it N times).
 
 Randomness is drawn per *example*, from `fold_in(fold_in(rng, step), global_example_index)`, so each
 device gets its own keys and yet the timesteps and noise of an example do not depend on how many
@@ -102,27 +107,25 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
         return apply_fn({"params": params}, x_t, t_, y, train=True,
                         rngs={"dropout": dropout_rng})
       per_example, aux = loss_fn(model_fn, x0, t, noise)
-      return jnp.mean(weights * per_example), (per_example, aux)
+      local_mean = jnp.mean(weights * per_example)
+      return local_mean / num_devices, (local_mean, per_example, aux)
 
-    (loss, (per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
+    # `grads` is invariant: psum over `data` of d(mean_local / N) = the global-mean gradient.
+    (_, (loss, per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
+        state.params)
     new_state = state.apply_gradients(grads, ema_decay)
     if state.importance is not None:
-      # Every replica sees every (t, loss) pair, so the histories stay identical.
-      all_t = lax.all_gather(t, AXIS, tiled=True)
-      all_losses = lax.all_gather(lax.stop_gradient(per_example), AXIS, tiled=True)
+      # Every replica sees every (t, loss) pair, so the histories stay identical (invariant).
+      all_t = _gather_invariant(t, device)
+      all_losses = _gather_invariant(lax.stop_gradient(per_example), device)
       new_state = new_state.replace(
           importance=losses.update_importance_state(state.importance, all_t, all_losses))
-    metrics = {
-        "loss": loss,
-        "grad_norm": optax.global_norm(grads),
-        "lr": learning_rate(state.step),
-        **{k: jnp.mean(v) for k, v in aux.items()},
-    }
-    metrics = lax.pmean(metrics, AXIS)
+    metrics = lax.pmean({"loss": loss, **{k: jnp.mean(v) for k, v in aux.items()}}, AXIS)
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["lr"] = learning_rate(state.step)
+    # Every input is invariant (reduced over `data`), so every device computes the same flag.
     finite = all_finite(metrics["loss"], metrics["grad_norm"], new_state.params,
-                        new_state.ema_params)
-    finite = lax.pmin(finite.astype(jnp.int32), AXIS)
+                        new_state.ema_params).astype(jnp.int32)
     metrics["finite"] = finite
     if skip_nonfinite:
       # The old state survives a bad step whole (params, EMA, moments, importance history);
@@ -135,6 +138,14 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     metrics["preempt"] = lax.pmax(jnp.any(batch["preempt"]).astype(jnp.int32), AXIS)
     return new_state, metrics
 
+  num_devices = mesh.shape[AXIS]
+
+  def _gather_invariant(x, device):
+    """[local] per device -> the [N * local] concatenation, invariant over `data`: each device
+    writes its block into zeros and a psum adds them (exact: every other term is 0)."""
+    blocks = jnp.zeros((num_devices, *x.shape), x.dtype).at[device].set(x)
+    return lax.psum(blocks, AXIS).reshape(num_devices * x.shape[0], *x.shape[1:])
+
   sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                          out_specs=(P(), P()), check_vma=False)
+                          out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)

@@ -282,8 +282,8 @@ def plot_lines(entries: Sequence[Entry], rows: Sequence[dict], spec: Mapping[str
                path: str) -> None:
   """`spec['y']` against `spec['x']` (row or label keys), one line per `spec['series']` label.
 
-  `spec['floor']`, a row key, is drawn as a horizontal line (its mean over the rows), e.g. the
-  digits score of real held-out digits; `spec['logx']` puts x on a log scale.
+  `spec['floor']`, a row key or a list of them, is drawn as horizontal lines (each its mean over
+  the rows), e.g. the digits score of real held-out digits; `spec['logx']` puts x on a log scale.
   """
   plt = _pyplot()
   value = lambda e, r, k: r.get(k, e.labels.get(k))
@@ -300,9 +300,14 @@ def plot_lines(entries: Sequence[Entry], rows: Sequence[dict], spec: Mapping[str
     xs, ys = zip(*sorted(points))
     ax.plot(xs, ys, marker="os^vD<>p*h"[i % 10], label=label,
             linestyle="-" if len(xs) > 1 else "none")
-  floors = [r[spec["floor"]] for r in rows if isinstance(r.get(spec.get("floor")), (int, float))]
-  if floors:
-    ax.axhline(float(np.mean(floors)), color="k", linestyle=":", label=spec["floor"])
+  floor_keys = spec.get("floor") or ()
+  floors = []
+  for key, style in zip([floor_keys] if isinstance(floor_keys, str) else floor_keys,
+                        (":", "--", "-.")):
+    values = [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+    if values:
+      floors.append(key)
+      ax.axhline(float(np.mean(values)), color="k", linestyle=style, label=key)
   if not series:
     ax.text(0.5, 0.5, "no results yet", ha="center", va="center", transform=ax.transAxes)
   if spec.get("logx"):

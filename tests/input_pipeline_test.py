@@ -124,27 +124,52 @@ def test_eval_pads_last_batch_and_keeps_order():
 
 def test_orbax_checkpoint_resumes_iterator_exactly(tmp_path):
   config = _config(batch_size=8, random_flip=True)
-  state = {"step": np.asarray(3, np.int32)}
   with tfds.testing.mock_data(num_examples=24):
     iterator = input_pipeline.create_train_iterator(config)
     for _ in range(3):
       next(iterator)
     with ocp.CheckpointManager(tmp_path / "ckpt") as manager:
-      manager.save(3, args=ocp.args.Composite(
-          state=ocp.args.StandardSave(state),
-          data=grain.checkpoint.CheckpointSave(iterator)))
+      manager.save(3, args=ocp.args.Composite(data=ocp.args.JsonSave(iterator.get_state())))
       manager.wait_until_finished()
       # Four more batches cross the epoch boundary (3 batches per epoch), reshuffle included.
       expected = list(itertools.islice(iterator, 4))
       resumed = input_pipeline.create_train_iterator(config)
-      restored = manager.restore(3, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(state),
-          data=grain.checkpoint.CheckpointRestore(resumed)))
+      restored = manager.restore(3, args=ocp.args.Composite(data=ocp.args.JsonRestore()))
+      resumed.set_state(restored["data"])
     got = list(itertools.islice(resumed, 4))
-  assert int(restored["state"]["step"]) == 3
+  assert restored["data"]["position"] == 3
   for want, have in zip(expected, got, strict=True):
     np.testing.assert_array_equal(want["image"], have["image"])
     np.testing.assert_array_equal(want["label"], have["label"])
+
+
+@pytest.mark.parametrize("dataset", ["digits", "cifar10"])
+def test_global_batches_do_not_depend_on_the_process_count(dataset):
+  """Global batch k is the same for P = 1, 2, 4 simulated processes (and after a restore on
+  another P): concatenating the processes' rows gives the one-process batch, flips included."""
+  config = _config(dataset, batch_size=8, random_flip=True)
+  with tfds.testing.mock_data(num_examples=20):  # 2.5 batches per epoch: batches straddle
+    want = list(itertools.islice(input_pipeline.create_train_iterator(config), 6))
+    for count in (2, 4):
+      iterators = [input_pipeline.create_train_iterator(config, shard_options=_shard(i, count))
+                   for i in range(count)]
+      for k in range(6):
+        rows = [next(it) for it in iterators]
+        assert rows[0]["image"].shape[0] == 8 // count
+        for key in ("image", "label"):
+          np.testing.assert_array_equal(np.concatenate([r[key] for r in rows]), want[k][key])
+      if count == 2:
+        state = iterators[0].get_state()
+        assert state == iterators[1].get_state() and state["position"] == 6
+    # A position saved on 2 processes restores on 4 (here: back to batch 3).
+    state = {**state, "position": 3}
+    iterators = [input_pipeline.create_train_iterator(config, shard_options=_shard(i, 4))
+                 for i in range(4)]
+    for it in iterators:
+      it.set_state(state)
+    for k in range(3, 6):
+      np.testing.assert_array_equal(
+          np.concatenate([next(it)["image"] for it in iterators]), want[k]["image"])
 
 
 def test_shuffle_changes_every_epoch_and_iterator_is_infinite():

@@ -9,14 +9,17 @@ import json
 import os
 import re
 import signal
+import sys
 import time
 
+import numpy as np
 import portpicker
 
 from helpers import checkpoint_entries
 from helpers import main_command
 from helpers import read_log
 from helpers import read_metrics
+from helpers import REPO_ROOT
 from helpers import spawned
 from helpers import subprocess_env
 from helpers import wait_all
@@ -108,3 +111,70 @@ def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
     # Each iterator went on from its saved position rather than starting over.
     for key, index in state["last_seen_indices"].items():
       assert index > first[name]["last_seen_indices"][key], (name, state)
+
+
+# One FID/IS evaluation with random Inception weights: 24 reference and 20 sample images of 8x8
+# RGB. The reference split comes from a stand-in eval iterator that yields this process's rows
+# (padded, with the mask the real one has), so both the reference and the sample statistics are
+# merged across processes.
+_FID_WORKER = r"""
+import json, sys
+import jax
+index, count, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+if count > 1:
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(f"127.0.0.1:{port}", count, index)
+import numpy as np
+from ddpm_jax import fid_eval, input_pipeline
+from ddpm_jax.metrics import inception
+from helpers import tiny_config
+rng = np.random.default_rng(0)
+real = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
+samples = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
+variables = inception.InceptionV3().init(
+    jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32), method=inception.InceptionV3.features)
+inception.load_inception_params = lambda path: variables
+
+def eval_iterator(config, split):
+  start, stop = fid_eval.local_share(len(real))
+  for i in range(start, stop, 5):  # uneven shares: a padded last batch on each process
+    rows = real[i:min(i + 5, stop)]
+    pad = 5 - len(rows)
+    image = np.concatenate([rows, np.zeros((pad, 8, 8, 3), np.uint8)]) / 127.5 - 1.0
+    yield {"image": image.astype(np.float32), "mask": np.arange(5) < len(rows)}
+input_pipeline.create_eval_iterator = eval_iterator
+config = tiny_config(**{"eval.metrics": ("fid",), "eval.fid_split": "test",
+                        "eval.inception_weights": sys.argv[4], "eval.fid_stats_dir": sys.argv[5]})
+result = fid_eval.fid_and_is(config, sys.argv[5], samples)
+print("RESULT " + json.dumps(result))
+"""
+
+
+def _fid_results(tmp_path, num_processes: int, devices_per_process: int) -> list[dict]:
+  port = portpicker.pick_unused_port()
+  weights = tmp_path / "weights.npz"
+  weights.write_bytes(b"random weights stand-in")  # hashed into the stats cache key only
+  env = {**subprocess_env(devices_per_process),
+         "PYTHONPATH": os.path.join(REPO_ROOT, "tests") + os.pathsep + REPO_ROOT}
+  log_dir = tmp_path / f"fid_{num_processes}"
+  commands = [[sys.executable, "-c", _FID_WORKER, str(i), str(num_processes), str(port),
+               str(weights), str(log_dir / "stats")] for i in range(num_processes)]
+  with spawned(commands, env, log_dir) as procs:
+    codes = wait_all(procs, TIMEOUT_S)
+    logs = [read_log(log_dir, i) for i in range(num_processes)]
+  assert codes == [0] * num_processes, "\n\n".join(log[-4000:] for log in logs)
+  return [json.loads(re.search(r"^RESULT (.*)$", log, re.M).group(1)) for log in logs]
+
+
+def test_fid_and_is_on_two_processes_equal_one_process(tmp_path):
+  """Each process embeds only its share; the merged FID and IS match one process's."""
+  (single,) = _fid_results(tmp_path, 1, 4)
+  double = _fid_results(tmp_path, 2, 2)
+  print(f"FID/IS, 1 process x 4 devices: {single['fid']!r} / {single['inception_score']!r}; "
+        f"2 processes x 2 devices: {double[0]['fid']!r} / {double[0]['inception_score']!r}")
+  assert double[0] == double[1]  # every process reports the same numbers
+  assert single["fid_reference_examples"] == double[0]["fid_reference_examples"] == 24
+  assert single["fid_num_samples"] == double[0]["fid_num_samples"] == 20
+  for key in ("fid", "inception_score", "inception_score_std"):
+    np.testing.assert_allclose(double[0][key], single[key], rtol=1e-4, err_msg=key)
+  assert single["fid"] > 0 and single["inception_score"] > 1.0

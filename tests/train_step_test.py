@@ -128,3 +128,30 @@ def test_learning_rate_warmup(warmup):
   schedule = train_state_lib.learning_rate_schedule(config.optim)
   expected = [1e-3 * min(1.0, s / warmup) if warmup else 1e-3 for s in range(6)]
   np.testing.assert_allclose([float(schedule(s)) for s in range(6)], expected, rtol=1e-6)
+
+
+def test_gradient_norm_and_update_do_not_depend_on_the_device_count():
+  """Under shard_map's default vma checking the gradient of the global mean loss is the same on
+  1, 2 and 4 devices (a pmean on top of the implicit psum would scale it by the device count)."""
+  config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 1e-3})
+  image = next(input_pipeline.create_train_iterator(config))["image"]
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  results = {}
+  for num_devices in (1, 2, 4):
+    mesh = train_step_lib.make_mesh(jax.devices()[:num_devices])
+    state = train_state_lib.create_train_state(config, model, mesh)
+    step = config_lib.train_step_from_config(config, model, tables, mesh)
+    batch = train_step_lib.global_batch(
+        mesh, {"image": image, "preempt": np.zeros(num_devices, np.bool_)})
+    state, metrics = step(state, batch)
+    results[num_devices] = (float(metrics["grad_norm"]), float(metrics["loss"]),
+                            jax.device_get(state.params))
+  norm_1, loss_1, params_1 = results[1]
+  assert norm_1 > 0
+  for num_devices in (2, 4):
+    norm, loss, params = results[num_devices]
+    np.testing.assert_allclose(norm, norm_1, rtol=1e-5, err_msg=f"{num_devices} devices")
+    np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1)):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

@@ -18,6 +18,7 @@ import pytest
 from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
+from ddpm_jax import checkpointing
 from ddpm_jax import config_lib
 from ddpm_jax import input_pipeline
 from ddpm_jax import models
@@ -143,10 +144,10 @@ def test_resume_is_bitwise_identical_to_an_uninterrupted_run(reference_run, tmp_
   # The data iterator resumed too: both runs stopped at the same record.
   positions = []
   for run_dir in (reference_dir, workdir):
-    with open(os.path.join(run_dir, "checkpoints", "20", "data", "process_0-of-1.json"),
+    with open(os.path.join(run_dir, "checkpoints", "20", "data", checkpointing.DATA_FILE),
               encoding="utf-8") as f:
-      positions.append(json.load(f)["last_seen_indices"])
-  assert positions[0] == positions[1]
+      positions.append(json.load(f)["position"])
+  assert positions[0] == positions[1] == 20
 
 
 def _tensorboard_events(workdir) -> list:
