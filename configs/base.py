@@ -79,12 +79,17 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.sampling = ml_collections.ConfigDict(dict(
-      # ancestral | ddim | euler | euler_ancestral | heun | dpm_solver_pp | dpm_solver_pp_sde
+      # ancestral | ddim | euler | euler_ancestral | heun | edm_stochastic | dpm_solver_pp
+      # | dpm_solver_pp_sde | dpm_solver_pp_3m
       # (README "Samplers" table; ddpm_jax/sampling/__init__.py).
       sampler="ancestral",
       num_steps=1000,           # grid points (heun: 2N-1 model calls); ancestral: all T
                                 # unless the model learns its variance (then respaced)
       eta=0.0,                  # DDIM noise
+      s_churn=0.0,              # edm_stochastic (Karras et al. 2022, Alg. 2): churn >= 0,
+      s_tmin=0.0,               # applied for sigma in [s_tmin, s_tmax] (sigma units;
+      s_tmax=-1.0,              # -1 = inf), noise scale s_noise > 0. s_churn = 0 is heun.
+      s_noise=1.0,
       grid="default",           # default (the sampler's own) | uniform | quadratic | trailing
                                 # | logsnr | karras
       num_samples=50_000,

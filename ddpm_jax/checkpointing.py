@@ -8,7 +8,7 @@ checkpoint as the newest complete one; `latest_step()` never returns a partial s
 
 This module also owns what happens when a checkpoint does not restore (it is moved aside to
 `<step>.corrupt-<reason>`, never deleted, and the next newest is tried), the params-only restore
-of sample/eval, and the SIGTERM guard.
+of sample/eval, and the preemption guard (JAX's preemption sync point, or SIGTERM).
 """
 
 import logging as py_logging
@@ -243,13 +243,18 @@ def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: st
 
 
 class PreemptionGuard:
-  """Turns SIGTERM into a flag that the train loop polls; restores the old handler on exit.
+  """Tells the train loop when to save and stop because of a preemption notice (SIGTERM).
 
-  Every process must stop at the same step to save together, so the loop agrees on the flag
-  through the train step's collectives (see `train.py`), not through this local flag alone.
+  Under `jax.distributed` (several processes) the notice is JAX's own: its preemption service
+  catches SIGTERM on any process and `reached(step)` is
+  `multihost_utils.reached_preemption_sync_point(step)`, which turns True on every process at
+  the same step (it must be called at every step). No Python SIGTERM handler is installed then,
+  since one would replace JAX's. A single process has no preemption service: the guard turns
+  SIGTERM into a local flag instead, restoring the previous handler on exit.
+
   `adopt(event)` (main.py passes the flag its own SIGTERM handler has set since start-up) makes
-  a SIGTERM during imports, restore or compile count too. The interface (`requested`,
-  `local_flags`) is all that train.py reads, so another preemption source can replace it here.
+  a SIGTERM during imports, restore or compile count too; `local_flags` carries it into the train
+  step, whose collectives make every process agree on it.
   """
 
   _adopted: threading.Event | None = None
@@ -261,9 +266,10 @@ class PreemptionGuard:
   def __init__(self):
     self._event = PreemptionGuard._adopted or threading.Event()
     self._previous = None
+    self.synced = jax.process_count() > 1 and jax.distributed.is_initialized()
 
   def __enter__(self):
-    if threading.current_thread() is threading.main_thread():
+    if not self.synced and threading.current_thread() is threading.main_thread():
       self._previous = signal.signal(signal.SIGTERM, lambda *_: self._event.set())
     return self
 
@@ -274,7 +280,15 @@ class PreemptionGuard:
 
   @property
   def requested(self) -> bool:
+    """A SIGTERM seen by this process's own handler (start-up, or a single process)."""
     return self._event.is_set()
+
+  def reached(self, step: int) -> bool:
+    """Whether to save `step` and stop: JAX's sync point on several processes, else the flag."""
+    if self.synced:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      return multihost_utils.reached_preemption_sync_point(step)
+    return self.requested
 
   def local_flags(self, num_local_devices: int) -> np.ndarray:
     return np.full((num_local_devices,), self.requested, np.bool_)

@@ -43,6 +43,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _check("model.dtype", config.model.dtype, MODEL_DTYPES)
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
   _check("sampling.grid", config.sampling.grid, ("default", *sampling.GRIDS))
+  sampling.check_edm_options("edm_stochastic", *_edm_options(config.sampling))  # Ranges.
   eval_metrics = (*config.eval.metrics, *config.training.final_eval_metrics)
   for name in eval_metrics:
     _check("eval metric", name, EVAL_METRICS)
@@ -121,9 +122,18 @@ def sampler_from_config(config, tables, *, sampler: str | None = None, num_steps
   steps = num_steps or s.num_steps
   if name == "ancestral" and d.model_var not in diffusion.LEARNED_VARS:
     steps = None
+  edm = dict(zip(sampling.EDM_DEFAULTS, _edm_options(s)))
   return sampling.get_sampler(name, tables, model_output=d.model_output, model_var=d.model_var,
                               num_steps=steps, eta=s.eta if name == "ddim" else 0.0,
-                              grid=s.grid, clip_x0=d.clip_x0, trajectory_every=trajectory_every)
+                              grid=s.grid, clip_x0=d.clip_x0, trajectory_every=trajectory_every,
+                              **(edm if name == "edm_stochastic" else {}))
+
+
+def _edm_options(s) -> tuple[float, float, float, float]:
+  """(s_churn, s_tmin, s_tmax, s_noise) from `config.sampling`; s_tmax < 0 means inf."""
+  s_tmax = float(s.s_tmax)
+  return float(s.s_churn), float(s.s_tmin), (float("inf") if s_tmax < 0 else s_tmax), \
+      float(s.s_noise)
 
 
 def _flatten(tree: Mapping, prefix: str = "") -> dict:

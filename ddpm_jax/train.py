@@ -160,6 +160,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         flags = _fetch(prev_metrics, ("finite", "preempt"))
         _check_finite(step - 1, flags, manager)
         preempted = bool(flags["preempt"])
+      # JAX's preemption sync point (several processes; every process gets the same answer at
+      # the same step) or this process's SIGTERM flag (one process).
+      preempted = guard.reached(step) or preempted
       final = step == tc.num_train_steps or preempted
       if step % tc.log_every == 0 or final:
         last = _fetch(metrics)

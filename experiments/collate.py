@@ -338,7 +338,8 @@ def collate(name: str, config_path: str, fixed: Mapping[str, Any], entries: Sequ
       ("lines",) if plot else ())}
   what = ("Every point samples the same checkpoint (`--mode=eval`)" if sample_only else
           f"Final loss: mean of the last {LOSS_WINDOW} logged losses")
-  header = (f"# Sweep `{name}`\n\nBase config `{config_path}`; fixed overrides: {fixed_text}.\n"
+  header = (f"# Sweep `{name}`\n\n`python -m experiments.sweep --sweep={name}`\n\n"
+            f"Base config `{config_path}`; fixed overrides: {fixed_text}.\n"
             f"{len(entries)} points, {done} done; collated {time.strftime('%Y-%m-%d %H:%M')}. "
             f"{what}; metrics from the newest eval/step_<N>.json.\n\n"
             + "".join(f"![{kind}]({os.path.basename(p)})\n" for kind, p in plots.items()) + "\n")

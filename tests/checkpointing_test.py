@@ -244,3 +244,36 @@ def test_preemption_checkpoint_never_pushes_out_a_regular_one():
   assert keep([5, 10, 13]) == [5, 10, 13]  # the preemption save is the newest: kept
   assert keep([5, 10, 13, 15]) == [10, 15]  # then the two newest regular ones only
   assert keep([5, 10, 15, 17]) == [10, 15, 17]
+
+
+def test_old_per_process_data_item_restores_at_the_global_position(tmp_path, caplog):
+  """A checkpoint from before the global data order (grain's process_<i>-of-<n>.json files)
+  restores: the state as saved, the data stream at global batch `step`, with a warning."""
+  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  config = tiny_config()
+  state = train_state_lib.create_train_state(config, models.create_model(config),
+                                             train_step_lib.make_mesh())
+  state = state.replace(step=state.step + 7)
+  manager = checkpointing.create_manager(str(tmp_path), keep=None)
+  manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)
+  manager.wait_until_finished()
+  data_dir = checkpointing.checkpoint_dir(str(tmp_path)) / "7" / "data"
+  data_dir.mkdir()
+  for index in range(2):  # as two processes of the old pipeline wrote it
+    (data_dir / f"process_{index}-of-2.json").write_text(json.dumps(
+        {"last_seen_indices": {"0": 12 + index}, "last_worker_index": -1}))
+  data_iter = input_pipeline.create_train_iterator(config)
+  with caplog.at_level(logging.WARNING):
+    restored = checkpointing.restore(manager, state, data_iter, step=7)
+  manager.close()
+  assert int(jax.device_get(restored.step)) == 7
+  assert data_iter.get_state()["position"] == 7
+  assert "before the topology-free data order" in caplog.text
+  assert "start a fresh workdir" in caplog.text
+  fresh = input_pipeline.create_train_iterator(config)
+  for _ in range(7):
+    next(fresh)
+  np.testing.assert_array_equal(next(data_iter)["image"], next(fresh)["image"])

@@ -58,8 +58,8 @@ def test_inpainting_gaussian_data_recovers_the_conditional_mean():
   """x0 ~ N(mu, Sigma) in 4 dims (2x2 images), with the exact eps(x_t, t) = s C_t^-1 (x_t - a mu),
   C_t = a^2 Sigma + s^2 I. Keeping the left column, the unknown pixels' sample mean must match
   mu_u + Sigma_uk Sigma_kk^-1 (x_k - mu_k). Measured (N = 2000, cosine T = 100): RePaint (jump 1,
-  20 resamplings) is off by 0.038 (tolerance 0.05); plain replacement is off by ~0.27 on the coupled pixel,
-  the known failure RePaint fixes (Lugmayr et al. 2022, sec. 4.2)."""
+  20 resamplings) is off by 0.04 (tolerance 0.05); plain replacement is off by ~0.28 on the
+  coupled pixel, the known failure RePaint fixes (Lugmayr et al. 2022, sec. 4.2)."""
   tables = _tables(100, "cosine")
   mu = np.array([0.3, -0.2, 0.1, 0.0])
   sigma = 0.2 * np.array([[1, .9, .8, .7], [.9, 1, .9, .8], [.8, .9, 1, .9], [.7, .8, .9, 1.]])
@@ -123,7 +123,8 @@ def test_end_to_end_conditional_train_sample_and_edit(tmp_path):
   np.savez(tmp_path / "in.npz", images=np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1),
                                                                             dtype=np.uint8))
   runs = {
-      "sample": ["--mode=sample", "--config.sampling.num_samples=8", "--config.sampling.sampler=ddim",
+      "sample": ["--mode=sample", "--config.sampling.num_samples=8",
+                 "--config.sampling.sampler=ddim",
                  "--config.sampling.class_label=3", "--config.sampling.guidance_scale=1.0"],
       "inpaint": ["--mode=edit", f"--config.edit.input={tmp_path / 'in.npz'}",
                   "--config.edit.mask=center_box", "--config.sampling.sampler=ddim"],

@@ -172,3 +172,55 @@ def test_extract_features_keeps_every_row_with_one_batch_shape():
   assert seen_shapes == {(5, 3)}
   np.testing.assert_array_equal(out['double'], 2 * x)
   np.testing.assert_array_equal(out['sum'], x.sum(axis=1))
+
+
+def _on_processes(shares, fn):
+  """Runs `fn(share, reduce_sum)` for each share on its own thread, as if on its own process:
+  `reduce_sum` is an all-reduce (sum in share order) over the threads. Returns every result."""
+  import concurrent.futures  # pylint: disable=g-import-not-at-top
+  import threading  # pylint: disable=g-import-not-at-top
+  barrier, slots = threading.Barrier(len(shares)), [None] * len(shares)
+
+  def run(rank):
+    def reduce_sum(x):
+      slots[rank] = np.asarray(x, np.float64)
+      barrier.wait()
+      total = np.sum(np.stack(slots), axis=0)
+      barrier.wait()  # nobody overwrites a slot before everyone has summed
+      return total
+    return fn(shares[rank], reduce_sum)
+
+  with concurrent.futures.ThreadPoolExecutor(len(shares)) as pool:
+    return list(pool.map(run, range(len(shares))))
+
+
+def test_stats_merged_over_processes_equal_one_shot():
+  """Uneven shares (one empty) with large common offsets: the merge is exact, not shifted."""
+  feats = _correlated(np.random.default_rng(0), 300, 16, shift=1e3)
+  shares = [feats[:170], feats[170:170], feats[170:241], feats[241:]]
+
+  def merged(share, reduce_sum):
+    acc = fid.FeatureStatsAccumulator()
+    for i in range(0, len(share), 50):
+      acc.update(share[i:i + 50])
+    return acc.merged(reduce_sum)
+
+  expected = fid.FeatureStats.from_features(feats)
+  for stats in _on_processes(shares, merged):
+    assert stats.n == 300
+    np.testing.assert_allclose(stats.mu, expected.mu, rtol=1e-12)
+    np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize('num_splits', [1, 7, 10])
+def test_inception_score_over_processes_equals_one_process(num_splits):
+  logits = np.random.default_rng(1).normal(size=(53, 10)) * 3
+  probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+  bounds = [0, 20, 20, 37, 53]  # process shares, one of them empty
+  shares = [(probs[a:b], a) for a, b in zip(bounds[:-1], bounds[1:])]
+  expected = fid.inception_score(probs, num_splits=num_splits)
+  results = _on_processes(shares, lambda share, reduce_sum: fid.inception_score_of_share(
+      share[0], share[1], 53, num_splits, reduce_sum))
+  for mean, std in results:
+    np.testing.assert_allclose([mean, std], expected, rtol=1e-12, atol=1e-12)
+  assert expected[0] > 1.0

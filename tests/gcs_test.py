@@ -296,11 +296,11 @@ def test_tfds_dataset_in_the_bucket_is_found_and_its_local_copy_reads(gcs, tmp_p
   assert "SIZES 16 8" in log, log[-3000:]
   # The same files, copied back from the bucket, read as training batches in [-1, 1].
   copy = tmp_path / "copy"
-  for path in remote.rglob("*"):
+  for path in local.rglob("*"):  # (epath has no recursive glob on gs://)
     if path.is_file():
-      target = copy / str(path.relative_to(remote))
+      target = copy / path.relative_to(local)
       target.parent.mkdir(parents=True, exist_ok=True)
-      target.write_bytes(path.read_bytes())
+      target.write_bytes((remote / str(path.relative_to(local))).read_bytes())
   log = _run([sys.executable, "-c", _TFDS_CHECK, str(copy), "read"], env, timeout=120)
   match = re.search(r"BATCH \((\d+), 32, 32, 3\) (\S+) (\S+)", log)
   assert match, log[-3000:]

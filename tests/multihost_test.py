@@ -8,20 +8,26 @@ a SIGTERM sent to one process only, which both must act on at the same step.
 import json
 import os
 import re
+import shutil
 import signal
+import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 import portpicker
+import pytest
 
 from helpers import checkpoint_entries
 from helpers import main_command
 from helpers import read_log
 from helpers import read_metrics
+from helpers import restore_state
 from helpers import REPO_ROOT
 from helpers import spawned
 from helpers import subprocess_env
+from helpers import tiny_config
 from helpers import wait_all
 
 NUM_PROCESSES = 2
@@ -39,23 +45,20 @@ def _commands(workdir, num_train_steps: int, checkpoint_every: int) -> list[list
           for index in range(NUM_PROCESSES)]
 
 
-def _finish(procs, log_dir) -> list[str]:
-  """Waits for every process to exit 0 and returns their logs."""
+def _finish(procs, log_dir, code: int = 0) -> list[str]:
+  """Waits for every process to exit with `code` and returns their logs."""
   codes = wait_all(procs, TIMEOUT_S)
   logs = [read_log(log_dir, index) for index in range(NUM_PROCESSES)]
-  assert codes == [0] * NUM_PROCESSES, "\n\n".join(log[-4000:] for log in logs)
+  assert codes == [code] * NUM_PROCESSES, "\n\n".join(log[-4000:] for log in logs)
   return logs
 
 
-def _data_states(workdir, step: int) -> dict:
-  """{file name: grain iterator state} of a checkpoint's data item."""
+def _data_state(workdir, step: int) -> dict:
+  """The global data-iterator state of a checkpoint (one file, written by process 0)."""
   data_dir = os.path.join(workdir, "checkpoints", str(step), "data")
-  states = {}
-  for name in sorted(os.listdir(data_dir)):
-    if name.endswith(".json"):
-      with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-        states[name] = json.load(f)
-  return states
+  assert not [name for name in os.listdir(data_dir) if name.startswith("process_")]
+  with open(os.path.join(data_dir, "iterator.json"), encoding="utf-8") as f:
+    return json.load(f)
 
 
 def _logged_loss(log: str, step: int) -> str:
@@ -64,7 +67,10 @@ def _logged_loss(log: str, step: int) -> str:
   return match.group(1)
 
 
+@pytest.mark.slow
 def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
+  """Preemption: JAX's sync point stops both processes at one step with one complete
+  checkpoint, exit status 75, and a resumed run matches an uninterrupted one bit for bit."""
   workdir, env = tmp_path / "run", subprocess_env(2, compilation_cache_dir=tmp_path / "cache")
   with spawned(_commands(workdir, 4, checkpoint_every=2), env, tmp_path / "first") as procs:
     logs = _finish(procs, tmp_path / "first")
@@ -78,13 +84,8 @@ def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
   assert checkpoint_entries(workdir) == ["2", "4"]
   state_dir = os.path.join(workdir, "checkpoints", "4", "state")
   assert {"ocdbt.process_0", "ocdbt.process_1"} <= set(os.listdir(state_dir))
-  # Each process saved the position of its own shard of the data.
-  first = _data_states(workdir, 4)
-  assert list(first) == ["process_0-of-2.json", "process_1-of-2.json"]
-  for index, state in enumerate(first.values()):
-    assert f"shard_index={index}, shard_count=2" in state["sampler"]
-  assert first["process_0-of-2.json"]["last_seen_indices"] != (
-      first["process_1-of-2.json"]["last_seen_indices"])
+  # One global position (batches consumed), the same for every process count.
+  assert _data_state(workdir, 4)["position"] == 4
 
   # The second job resumes at 4; once it is training, only process 1 gets a SIGTERM.
   log_dir = tmp_path / "second"
@@ -95,7 +96,7 @@ def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
       assert time.monotonic() < deadline, f"no new metrics line within {TIMEOUT_S} s"
       time.sleep(0.2)
     procs[1].send_signal(signal.SIGTERM)
-    logs = _finish(procs, log_dir)
+    logs = _finish(procs, log_dir, code=75)  # checkpointing.EXIT_PREEMPTED
 
   assert read_metrics(workdir)[2]["step"] == 6  # it went on from step 4
   saved = []
@@ -105,18 +106,28 @@ def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
     saved.append(int(match.group(1)))
   assert saved[0] == saved[1] > 4, saved
   assert checkpoint_entries(workdir) == sorted(["2", "4", str(saved[0])])
-  second = _data_states(workdir, saved[0])
-  assert list(second) == list(first)
-  for name, state in second.items():
-    # Each iterator went on from its saved position rather than starting over.
-    for key, index in state["last_seen_indices"].items():
-      assert index > first[name]["last_seen_indices"][key], (name, state)
+  # The iterator went on from its saved position rather than starting over.
+  assert _data_state(workdir, saved[0])["position"] == saved[0]
+
+  # Resumed past the preemption, the run equals an uninterrupted one bit for bit.
+  end = saved[0] + 2
+  with spawned(_commands(workdir, end, checkpoint_every=NEVER), env, tmp_path / "third") as procs:
+    _finish(procs, tmp_path / "third")
+  straight = tmp_path / "straight"
+  with spawned(_commands(straight, end, checkpoint_every=NEVER), env, tmp_path / "ref") as procs:
+    _finish(procs, tmp_path / "ref")
+  config = tiny_config()
+  resumed, expected = restore_state(config, workdir), restore_state(config, straight)
+  assert int(resumed.step) == int(expected.step) == end
+  for have, want in zip(jax.tree.leaves(resumed), jax.tree.leaves(expected), strict=True):
+    np.testing.assert_array_equal(have, want)
 
 
-# One FID/IS evaluation with random Inception weights: 24 reference and 20 sample images of 8x8
-# RGB. The reference split comes from a stand-in eval iterator that yields this process's rows
-# (padded, with the mask the real one has), so both the reference and the sample statistics are
-# merged across processes.
+# One FID/IS evaluation with random Inception weights: 14 reference and 16 sample images of 8x8
+# RGB, 4 images per Inception call (one compiled shape). The reference split comes from a
+# stand-in eval iterator that yields this process's rows (the last batch padded and masked, as
+# the real one does), so both the reference and the sample statistics are merged across
+# processes.
 _FID_WORKER = r"""
 import json, sys
 import jax
@@ -129,19 +140,25 @@ from ddpm_jax import fid_eval, input_pipeline
 from ddpm_jax.metrics import inception
 from helpers import tiny_config
 rng = np.random.default_rng(0)
-real = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)
-samples = rng.integers(0, 256, (20, 8, 8, 3), dtype=np.uint8)
-variables = inception.InceptionV3().init(
-    jax.random.key(0), np.zeros((1, 299, 299, 3), np.float32), method=inception.InceptionV3.features)
+real = rng.integers(0, 256, (14, 8, 8, 3), dtype=np.uint8)
+samples = rng.integers(0, 256, (16, 8, 8, 3), dtype=np.uint8)
+
+def random_leaf(path, leaf):  # He-scaled kernels, identity batch norm: no forward pass needed
+  name = jax.tree_util.keystr(path)
+  if "kernel" in name:
+    fan_in = int(np.prod(leaf.shape[:-1]))
+    return rng.normal(0.0, np.sqrt(2.0 / fan_in), leaf.shape).astype(np.float32)
+  return (np.ones if "var" in name or "scale" in name else np.zeros)(leaf.shape, np.float32)
+variables = jax.tree.map_with_path(random_leaf, inception.inception_variable_shapes())
 inception.load_inception_params = lambda path: variables
+fid_eval._FEATURE_BATCH = 4
 
 def eval_iterator(config, split):
   start, stop = fid_eval.local_share(len(real))
-  for i in range(start, stop, 5):  # uneven shares: a padded last batch on each process
-    rows = real[i:min(i + 5, stop)]
-    pad = 5 - len(rows)
-    image = np.concatenate([rows, np.zeros((pad, 8, 8, 3), np.uint8)]) / 127.5 - 1.0
-    yield {"image": image.astype(np.float32), "mask": np.arange(5) < len(rows)}
+  for i in range(start, stop, 4):
+    rows = real[i:min(i + 4, stop)]
+    image = np.concatenate([rows, np.zeros((4 - len(rows), 8, 8, 3), np.uint8)]) / 127.5 - 1
+    yield {"image": image.astype(np.float32), "mask": np.arange(4) < len(rows)}
 input_pipeline.create_eval_iterator = eval_iterator
 config = tiny_config(**{"eval.metrics": ("fid",), "eval.fid_split": "test",
                         "eval.inception_weights": sys.argv[4], "eval.fid_stats_dir": sys.argv[5]})
@@ -173,8 +190,53 @@ def test_fid_and_is_on_two_processes_equal_one_process(tmp_path):
   print(f"FID/IS, 1 process x 4 devices: {single['fid']!r} / {single['inception_score']!r}; "
         f"2 processes x 2 devices: {double[0]['fid']!r} / {double[0]['inception_score']!r}")
   assert double[0] == double[1]  # every process reports the same numbers
-  assert single["fid_reference_examples"] == double[0]["fid_reference_examples"] == 24
-  assert single["fid_num_samples"] == double[0]["fid_num_samples"] == 20
+  assert single["fid_reference_examples"] == double[0]["fid_reference_examples"] == 14
+  assert single["fid_num_samples"] == double[0]["fid_num_samples"] == 16
   for key in ("fid", "inception_score", "inception_score_std"):
     np.testing.assert_allclose(double[0][key], single[key], rtol=1e-4, err_msg=key)
   assert single["fid"] > 0 and single["inception_score"] > 1.0
+
+
+def _run_one_process(workdir, num_devices: int, env_dir, **overrides) -> None:
+  command = main_command(workdir, **{"training.log_every": 1, **overrides})
+  result = subprocess.run(command, env=subprocess_env(num_devices, compilation_cache_dir=env_dir),
+                          capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
+  assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_elastic_resume_on_other_topologies_matches_the_uninterrupted_run(tmp_path):
+  """2 processes x 2 devices train to step 3; the run then finishes on 1 x 4 and on 1 x 2, and
+  both match an uninterrupted 1 x 4 run: the data order and the iterator state are global."""
+  steps, cache = {"training.num_train_steps": 6, "training.checkpoint_every": 3}, tmp_path / "c"
+  reference = tmp_path / "reference"
+  _run_one_process(reference, 4, cache, **steps)
+
+  first = tmp_path / "first"
+  commands = [main_command(first, f"--coordinator_address=127.0.0.1:{port}",
+                           f"--num_processes={NUM_PROCESSES}", f"--process_id={index}",
+                           **{**steps, "training.num_train_steps": 3, "training.log_every": 1})
+              for port in [portpicker.pick_unused_port()] for index in range(NUM_PROCESSES)]
+  with spawned(commands, subprocess_env(2, compilation_cache_dir=cache), tmp_path / "logs") as procs:
+    _finish(procs, tmp_path / "logs")
+  # One topology-free iterator state, written by process 0.
+  assert _data_state(first, 3)["position"] == 3
+
+  config = tiny_config(**steps)
+  want_params = jax.tree.leaves(restore_state(config, reference).params)
+  want_losses = {m["step"]: m["loss"] for m in read_metrics(reference)}
+  assert sorted(want_losses) == list(range(1, 7))
+  for num_devices in (4, 2):
+    workdir = tmp_path / f"resumed_{num_devices}"
+    shutil.copytree(first, workdir)
+    _run_one_process(workdir, num_devices, cache, **steps)
+    losses = {m["step"]: m["loss"] for m in read_metrics(workdir)}
+    assert sorted(losses) == sorted(want_losses), num_devices
+    np.testing.assert_allclose([losses[k] for k in sorted(losses)],
+                               [want_losses[k] for k in sorted(losses)], rtol=1e-5,
+                               err_msg=f"losses resumed on 1 x {num_devices}")
+    state = restore_state(config, workdir)
+    assert int(state.step) == 6
+    for have, want in zip(jax.tree.leaves(state.params), want_params, strict=True):
+      np.testing.assert_allclose(have, want, rtol=1e-5, atol=1e-6,
+                                 err_msg=f"params resumed on 1 x {num_devices}")

@@ -13,6 +13,9 @@ centred coordinate is scaled by sqrt(l_k / (abar_T l_k + 1 - abar_T)).
 """
 
 import functools
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -140,6 +143,10 @@ def test_grid_values():
     (dict(name="ddim", eta=-0.5), "eta"),
     (dict(name="dpm_solver_pp", eta=1.0), "eta"),
     (dict(name="ancestral", trajectory_every=-1), "trajectory_every"),
+    (dict(name="heun", s_churn=1.0), "edm_stochastic"),
+    (dict(name="edm_stochastic", s_churn=-1.0), "s_churn >= 0"),
+    (dict(name="edm_stochastic", s_tmin=2.0, s_tmax=1.0), "s_tmin <= s_tmax"),
+    (dict(name="edm_stochastic", s_noise=0.0), "s_noise > 0"),
 ])
 def test_get_sampler_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -228,8 +235,9 @@ def test_ddim_eta_one_on_all_steps_is_ancestral_fixed_small():
 # --- Determinism, sharding, trajectory ---------------------------------------------------------
 
 # Every sampler, with a few steps (ancestral: respaced, since the toy model is fixed_large too).
-EVERY_SAMPLER = [(name, dict(num_steps=5, eta=0.5 if name == "ddim" else 0.0))
-                 for name in sampling.SAMPLERS] + [("ancestral", {})]
+_OPTIONS = {"ddim": dict(eta=0.5), "edm_stochastic": dict(s_churn=4.0, s_tmin=0.1, s_noise=1.007)}
+EVERY_SAMPLER = [(name, dict(num_steps=5, **_OPTIONS.get(name, {}))) for name in sampling.SAMPLERS
+                 ] + [("ancestral", {})]
 
 
 @pytest.mark.parametrize("name, kwargs", EVERY_SAMPLER)
@@ -242,9 +250,28 @@ def test_same_seed_same_samples(name, kwargs):
   assert np.all(a != c)
 
 
+# XLA:CPU contracts c * x + y into a fused multiply-add in some vectorised loops and not in
+# others, so one HLO compiled for 2 and for 8 examples per device can differ by 1 ulp (seen for
+# euler and dpm_solver_pp: identical HLO, differences gone with FMA off). That is the compiler,
+# not the sampler, so the bitwise check runs in a child process with FMA-free codegen (AVX).
+_NO_FMA = "--xla_cpu_max_isa=AVX"
+
+
+def test_sharded_batch_gives_the_same_samples_without_fma():
+  """Runs the bitwise check below, for every sampler, where the compiler emits no FMA."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {_NO_FMA}")
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+                         "-k", "test_sharded_batch_gives_the_same_samples["], env=env,
+                        capture_output=True, text=True, check=False)
+  assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert "skipped" not in proc.stdout and "failed" not in proc.stdout, proc.stdout[-3000:]
+
+
 @pytest.mark.parametrize("name, kwargs", EVERY_SAMPLER)
 def test_sharded_batch_gives_the_same_samples(name, kwargs):
   """The batch sharded over 4 devices gives the samples of one device: noise is global."""
+  if _NO_FMA not in os.environ.get("XLA_FLAGS", ""):
+    pytest.skip("run by test_sharded_batch_gives_the_same_samples_without_fma")
   assert jax.device_count() >= 4, "conftest.py should simulate 4 CPU devices"
   tables, shape = _tables("linear", 20), (8, 2, 2, 1)
   sample_fn = sampling.get_sampler(name, tables, trajectory_every=3, **kwargs)
@@ -312,7 +339,7 @@ def test_every_combination_runs_and_traces_the_model_once(name):
     assert x.shape == shape and x.dtype == jnp.float32, combo
     assert np.all(np.isfinite(x)), combo
     # One trace of the model per call site: the loop is a single fori_loop (Heun has two).
-    assert calls[combo] == (2 if name == "heun" else 1), combo
+    assert calls[combo] == (2 if name in ("heun", "edm_stochastic") else 1), combo
 
 
 @pytest.mark.parametrize("name", sampling.SAMPLERS)
@@ -400,3 +427,43 @@ def test_heun_counts_2n_minus_1_model_calls():
   sampling.get_sampler("heun", tables, num_steps=6)(model_fn, jax.random.key(0), shape)
   jax.effects_barrier()
   assert len(calls) == sampling.nfe("heun", 6) == 11
+
+
+def test_edm_stochastic_without_churn_is_heun_and_with_it_samples_the_data():
+  """S_churn = 0 is bitwise Heun (EDM Alg. 2 reduces to Alg. 1); with churn it visits
+  sigma_hat = sigma (1 + gamma) and still has the Gaussian data's moments."""
+  tables, shape = _tables(), (NUM_SAMPLES, 1, 1, DIM)
+  kw = dict(num_steps=18, clip_x0=False, trajectory_every=1)
+  churn = dict(s_churn=10.0, s_tmin=0.05, s_tmax=20.0, s_noise=1.0)
+  runs = [(sampling.get_sampler(name, tables, **kw, **opts), _oracle(tables))
+          for name, opts in [("heun", {}), ("edm_stochastic", {}), ("edm_stochastic", churn)]]
+  (heun, heun_traj), (edm0, edm0_traj), (edm, edm_traj) = _sample_many(runs, shape)
+  jax.tree.map(np.testing.assert_array_equal, (heun, heun_traj), (edm0, edm0_traj))
+  grid = sampling.make_grid("quadratic", tables, 18)
+  sig = sampling.grids.sigma_at(tables, grid)
+  sig_hat = sampling.grids.sigma_at(tables, np.asarray(edm_traj["t"], np.float64))
+  gamma = np.where((sig >= 0.05) & (sig <= 20.0), min(10.0 / 18, np.sqrt(2) - 1), 0.0)
+  gamma[0] = 0.0
+  np.testing.assert_allclose(sig_hat, sig * (1 + gamma), rtol=1e-4)
+  assert np.sum(gamma > 0) >= 5
+  x = np.asarray(edm, np.float64).reshape(NUM_SAMPLES, DIM)
+  mean_tol = 4 * np.sqrt(np.diag(SIGMA) / NUM_SAMPLES) + 0.002
+  cov_tol = 4 * np.sqrt((np.outer(np.diag(SIGMA), np.diag(SIGMA)) + SIGMA**2) / NUM_SAMPLES)
+  np.testing.assert_array_less(np.abs(x.mean(0) - MU), mean_tol)
+  np.testing.assert_array_less(np.abs(np.cov(x, rowvar=False) - SIGMA), cov_tol + 0.01)
+  assert np.any(np.asarray(edm) != np.asarray(heun))
+
+
+def test_edm_stochastic_counts_2n_minus_1_model_calls_with_churn():
+  tables, shape = _tables("linear", 50), (2, 1, 1, DIM)
+  calls = []
+  oracle = _oracle(tables)
+
+  def model_fn(x, t):
+    jax.debug.callback(lambda: calls.append(1))
+    return oracle(x, t)
+
+  sampling.get_sampler("edm_stochastic", tables, num_steps=6, s_churn=5.0)(
+      model_fn, jax.random.key(0), shape)
+  jax.effects_barrier()
+  assert len(calls) == sampling.nfe("edm_stochastic", 6) == 11

@@ -112,6 +112,7 @@ def run(make_stepper: Callable[[np.ndarray], Stepper], grid: np.ndarray, traject
     if (x_start is None) != (t_start is None):
       raise ValueError("x_start and t_start go together (SDEdit: start from x_start at t_start).")
     stepper = make_stepper(g)
+    g = np.asarray(stepper.grid, np.float64)  # EDM's stochastic sampler visits sigma_hat.
     n = g.size
     first = (n - 1) % every if every else 0
     num_records = (n - 1) // every + 1 if every else 0

@@ -1,4 +1,5 @@
-"""Samplers in sigma = sqrt((1 - abar) / abar) (Karras et al. 2022): Euler, Heun, Euler-ancestral.
+"""Samplers in sigma = sqrt((1 - abar) / abar) (Karras et al. 2022): Euler, Heun (EDM Alg. 1),
+EDM's stochastic sampler (Alg. 2) and Euler-ancestral.
 
 The ODE is dx_VE / dsigma = eps(x, sigma) with x_VE = x / alpha (EDM eq. 3 with s = 1 after the
 change of variables). Updates are written as x'_VE = D + sigma' eps (+ corrections), which stays
@@ -9,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.sampling import _loop
+from ddpm_jax.sampling import _loop, grids
 
 
 def euler(tables, model_output, model_var, clip_x0):
@@ -17,22 +18,51 @@ def euler(tables, model_output, model_var, clip_x0):
   return heun(tables, model_output, model_var, clip_x0, second_order=False)
 
 
-def heun(tables, model_output, model_var, clip_x0, second_order: bool = True):
+def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, churn=None):
   """Heun's method, EDM Algorithm 1: an Euler predictor, then the trapezoid
 
     x'_VE = x_VE + (sigma' - sigma) (d + d') / 2 = D + sigma' d + (sigma' - sigma) (d' - d) / 2,
 
-  with d' = eps at the predictor. The last step (sigma' = 0) is Euler, as in EDM, and so is a
-  step from sigma = inf: a grid of N points costs 2N - 1 model calls (2N - 2 if abar_T = 0).
+  with d = (x_VE - D) / sigma = eps and d' = eps at the predictor. The last step (sigma' = 0) is
+  Euler, as in EDM, and so is a step from sigma = inf: a grid of N points costs 2N - 1 model
+  calls (2N - 2 if abar_T = 0).
+
+  `churn` = (S_churn, S_tmin, S_tmax, S_noise) makes it EDM's stochastic sampler (Algorithm 2):
+  gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0, and
+  step i starts from sigma_hat_i = sigma_i (1 + gamma_i), x_hat = x + sqrt(sigma_hat^2 -
+  sigma_i^2) S_noise z (in x_VE). The noise is added at the end of step i - 1, so the loop's
+  grid is the sigma_hat grid and every model call is one of Algorithm 2's (NFE still 2N - 1).
+  gamma_0 = 0 and sigma_hat <= the schedule's largest finite sigma: a discrete model has no
+  noise level above its own T - 1, and x_T is fresh noise already.
   """
   def make(grid):
     lv = _loop.levels(tables, grid)
+    n = grid.size
+    sig_hat, t_hat = lv.sigma, np.asarray(grid, np.float64)
+    if churn is not None:
+      s_churn, s_tmin, s_tmax, s_noise = churn
+      gamma = np.where((lv.sigma >= s_tmin) & (lv.sigma <= s_tmax),
+                       min(s_churn / n, np.sqrt(2.0) - 1.0), 0.0)
+      gamma[0] = 0.0
+      sig_max = grids.sigma_at(tables, np.array(tables.num_timesteps - 1.0))
+      sig_hat = np.where(gamma > 0, np.minimum(lv.sigma * (1 + gamma), sig_max), lv.sigma)
+      with np.errstate(invalid="ignore", divide="ignore"):
+        t_hat = np.where(sig_hat > lv.sigma, grids.t_at(tables, sig_hat), t_hat)
+    with np.errstate(invalid="ignore", divide="ignore"):
+      a_hat = np.where(np.isinf(sig_hat), 0.0, 1.0 / np.sqrt(1.0 + sig_hat**2))
+      s_hat = np.where(np.isinf(sig_hat), 1.0, sig_hat * a_hat)
+    # After step i: x at sigma_{i+1} becomes x_hat at sigma_hat_{i+1} (VP: times a_hat / a).
+    sig_hat_next = np.append(sig_hat[1:], 0.0)
+    a_hat_next = np.append(a_hat[1:], 1.0)
+    churn_x = a_hat_next / lv.alpha_next
+    churn_z = a_hat_next * np.sqrt(np.maximum(sig_hat_next**2 - lv.sigma_next**2, 0.0))
+    churn_z = churn_z * (churn[3] if churn is not None else 0.0)
     f = lambda v: jnp.asarray(v, jnp.float32)
-    a, s, a1, s1 = f(lv.alpha), f(lv.s), f(lv.alpha_next), f(lv.s_next)
-    half_a1_dsig = f(0.5 * lv.alpha_next * np.where(np.isinf(lv.sigma), 0.0,
-                                                    lv.sigma_next - lv.sigma))
-    use2 = f(second_order & np.isfinite(lv.sigma) & (lv.sigma_next > 0)) > 0
-    t1 = f(lv.t_next)
+    a, s, a1, s1 = f(a_hat), f(s_hat), f(lv.alpha_next), f(lv.s_next)
+    half_a1_dsig = f(0.5 * lv.alpha_next * np.where(np.isinf(sig_hat), 0.0,
+                                                    lv.sigma_next - sig_hat))
+    use2 = f(second_order & np.isfinite(sig_hat) & (lv.sigma_next > 0)) > 0
+    t1, cx, cz = f(lv.t_next), f(churn_x), f(churn_z)
 
     def step(i, x, aux, model_out, key, model_fn):
       x0, eps = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
@@ -47,9 +77,12 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True):
 
       if not second_order:  # Static: Euler traces the model once.
         return x_euler, aux, x0
-      return jax.lax.cond(use2[i], correct, lambda _: x_euler, None), aux, x0
+      x_next = jax.lax.cond(use2[i], correct, lambda _: x_euler, None)
+      if churn is not None:
+        x_next = cx[i] * x_next + cz[i] * jax.random.normal(key, x.shape, x.dtype)
+      return x_next, aux, x0
 
-    return _loop.Stepper(grid, lambda x: (), step)
+    return _loop.Stepper(t_hat, lambda x: (), step)
   return make
 
 

@@ -1,0 +1,47 @@
+"""W1 / floor of every sampler on data with an exact score, at NFE 5-50 (no timing: CPU is fine).
+
+The data, the exact-eps model and the error are those of tests/sampling_exact_score_test.py: a
+per-pixel mixture 1/2 N(0.5, 0.1^2) + 1/2 N(-0.5, 0.1^2), linear schedule, T = 1000, 4096 pixels,
+no clipping; 1.0 is the W1 distance between two independent samples of the data.
+
+  python benchmarks/exact_score_samplers.py                 # every sampler, its default grid
+  python benchmarks/exact_score_samplers.py --grid karras   # every sampler but ancestral on one grid
+"""
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+
+import jax  # noqa: E402
+
+jax.config.update("jax_disable_most_optimizations", True)
+
+import sampling_exact_score_test as exact  # noqa: E402
+from ddpm_jax import sampling  # noqa: E402
+
+NFES = tuple(int(n) for n in os.environ.get("NFES", "5,10,15,20,25,50").split(","))
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--grid", default="default", choices=("default", *sampling.GRIDS))
+  parser.add_argument("--samplers", default=",".join(sampling.SAMPLERS))
+  args = parser.parse_args()
+  print(f"| sampler | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+  print("|---|---|" + "---|" * len(NFES))
+  for name in args.samplers.split(","):
+    grid = "uniform" if name == "ancestral" else args.grid
+    shown = sampling.DEFAULT_GRIDS[name] if grid == "default" else grid
+    cells = []
+    for n in NFES:
+      calls = sampling.nfe(name, exact.num_steps(name, n))
+      err = exact.error(name, n, grid)
+      cells.append(f"{err:.2f}" if calls == n else f"{err:.2f} ({calls})")
+    print(f"| {name} | {shown} | " + " | ".join(cells) + " |", flush=True)
+
+
+if __name__ == "__main__":
+  main()
