@@ -67,6 +67,8 @@ def get_config() -> ml_collections.ConfigDict:
       allow_config_change=False,     # resume despite a changed diffusion process
       p_uncond=0.1,             # class-conditional models: label dropped to the null class
                                 # with this probability (classifier-free guidance)
+      objective="diffusion",    # diffusion | classifier (noisy classifier p(c | x_t, t) for
+                                # classifier guidance; model.num_classes = its K)
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -101,6 +103,9 @@ def get_config() -> ml_collections.ConfigDict:
       guidance_scale=0.0,       # classifier-free guidance w: (1 + w) eps(x, c) - w eps(x, null)
       guidance_t_min=0.0,       # guidance only for timestep indices in [t_min, t_max]
       guidance_t_max=-1.0,      # (Kynkaanniemi et al. 2024); -1 = T - 1, the whole range
+      classifier_workdir="",    # classifier guidance: workdir of a training.objective=classifier
+                                # run ("" = off); guides toward sampling.class_label
+      classifier_scale=0.0,     # its scale s (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)
   ))
 
   config.edit = ml_collections.ConfigDict(dict(

@@ -68,7 +68,9 @@ def check_guidance(config) -> None:
   """Guidance needs a conditional model, a scale >= 0 and a valid t interval."""
   s = config.sampling
   w = float(s.get("guidance_scale", 0.0))
-  check_class_label(config, int(s.get("class_label", -1)))
+  if not (s.get("classifier_workdir", "") and num_classes(config) == 0):
+    # Classifier guidance of an unconditional model checks the label against its classifier.
+    check_class_label(config, int(s.get("class_label", -1)))
   if w < 0:
     raise ValueError(f"sampling.guidance_scale must be >= 0, got {w}.")
   if w > 0 and num_classes(config) == 0:

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax import classifier_guidance
 from ddpm_jax import conditioning
 from ddpm_jax import diffusion
 from ddpm_jax import input_pipeline
@@ -40,6 +41,10 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
   _check("diffusion.loss", d.loss, losses.LOSSES)
   _check("diffusion.weighting", d.weighting, losses.WEIGHTINGS)
   _check("diffusion.t_sampling", d.t_sampling, losses.T_SAMPLINGS)
+  _check("training.objective", objective(config), losses.OBJECTIVES)
+  if objective(config) == "classifier" and conditioning.num_classes(config) <= 0:
+    raise ValueError("training.objective='classifier' needs model.num_classes > 0 (the "
+                     "classifier's logits), e.g. --config.model.num_classes=10 for digits.")
   _check("model.dtype", config.model.dtype, MODEL_DTYPES)
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
   _check("sampling.grid", config.sampling.grid, ("default", *sampling.GRIDS))
@@ -78,6 +83,7 @@ def validate_config(config: ml_collections.ConfigDict, *, check_data: bool = Tru
           f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
           f"pick a multiple of {n_dev}, e.g. --config.{key}={max(n_dev, batch // n_dev * n_dev)}.")
   conditioning.check_guidance(config)
+  classifier_guidance.check(config)
   if check_data:
     input_pipeline.validate_data_config(config)
     conditioning.check_training_labels(config)
@@ -89,7 +95,16 @@ def tables_from_config(config: ml_collections.ConfigDict) -> schedules.Diffusion
   return schedules.make_tables(betas, dtype=jnp.float32)
 
 
+def objective(config) -> str:
+  """training.objective: 'diffusion' (the denoiser, default) or 'classifier' (`losses`)."""
+  return config.training.get("objective", "diffusion")
+
+
 def loss_fn_from_config(config, tables):
+  """The training loss of `training.objective`: the diffusion loss, or the classifier's
+  cross-entropy on x_t (which takes the labels as a fifth argument)."""
+  if objective(config) == "classifier":
+    return losses.get_classifier_loss_fn(tables)
   d = config.diffusion
   return losses.get_loss_fn(
       tables, loss=d.loss, model_output=d.model_output, model_var=d.model_var,
@@ -99,14 +114,16 @@ def loss_fn_from_config(config, tables):
 
 def train_step_from_config(config, model, tables, mesh):
   """The jitted data-parallel train step of this config (see `train_step.make_train_step`)."""
+  classifier = objective(config) == "classifier"
   return train_step.make_train_step(
       apply_fn=model.apply, loss_fn=loss_fn_from_config(config, tables),
       num_timesteps=config.diffusion.num_timesteps, t_sampling=config.diffusion.t_sampling,
       ema_decay=config.training.ema_decay,
       learning_rate=train_state.learning_rate_schedule(config.optim), mesh=mesh,
       skip_nonfinite=config.training.get("skip_nonfinite_updates", False),
-      num_classes=config.model.get("num_classes", 0),
-      p_uncond=config.training.get("p_uncond", 0.0))
+      # The classifier's labels are its targets, not a model input.
+      num_classes=0 if classifier else config.model.get("num_classes", 0),
+      p_uncond=config.training.get("p_uncond", 0.0), labels_to_loss=classifier)
 
 
 def sampler_from_config(config, tables, *, sampler: str | None = None, num_steps: int | None = None,

@@ -63,6 +63,9 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   label = generation.sampler_label(config)
   if config.model.get("num_classes", 0) > 0:  # e.g. ddim_50_class3_w1.0 (class -1: all)
     label += f"_class{s.class_label}_w{s.guidance_scale}"
+  if s.get("classifier_workdir", ""):  # classifier guidance, e.g. ..._class3_cg2.0
+    label += ("" if config.model.get("num_classes", 0) > 0 else f"_class{s.class_label}") + \
+        f"_cg{s.classifier_scale}"
   stem = epath.Path(workdir) / "samples" / f"{label}_step{step}"
   path = stem.with_suffix(".npz")
   if jax.process_index() == 0:

@@ -10,6 +10,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from ddpm_jax import classifier_guidance
 from ddpm_jax import conditioning
 from ddpm_jax import config_lib
 from ddpm_jax import diffusion
@@ -31,24 +32,33 @@ def make_sample_fn(config, model, tables, mesh, *, sampler=None, num_steps=None,
   sharding = train_step_lib.batch_sharding(mesh)
   d = config.data
   compiled = {}
+  # sampling.classifier_workdir: (module, params) of a noisy classifier, or None.
+  classifier = classifier_guidance.load(config, mesh)
+  classifier_params = None if classifier is None else classifier[1]
 
-  def run(params, rng, shape):
+  def run(params, rng, shape, classifier_params):
     def cond_fn(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
       return model.apply({"params": params}, x, t, y, train=False)
     # sampling.class_label / guidance_scale of a class-conditional model (see `conditioning`).
-    return sample(conditioning.guided_model_fn(config, cond_fn, shape[0]), rng, shape)
+    model_fn = conditioning.guided_model_fn(config, cond_fn, shape[0])
+    if classifier is not None:
+      model_fn = classifier_guidance.wrap(config, model_fn, tables, classifier[0],
+                                          classifier_params, shape[0],
+                                          sampler or config.sampling.sampler)
+    return sample(model_fn, rng, shape)
 
   def executable(params, rng, n):
     """The compiled sampler for `n` samples (padded to a multiple of the device count)."""
     padded = -(-n // jax.device_count()) * jax.device_count()
     shape = (padded, d.image_size, d.image_size, d.num_channels)
     if shape not in compiled:
-      compiled[shape] = jax.jit(lambda p, r: run(p, r, shape)).lower(params, rng).compile()
+      compiled[shape] = jax.jit(lambda p, r, c: run(p, r, shape, c)).lower(
+          params, rng, classifier_params).compile()
     return compiled[shape]
 
   def fn(params, rng, n):
-    x0, traj = executable(params, rng, n)(params, rng)
+    x0, traj = executable(params, rng, n)(params, rng, classifier_params)
     traj = None if traj is None else {k: to_host(v) for k, v in traj.items()}
     return to_host(x0)[:n], traj
 

@@ -2,8 +2,8 @@
 
 Reading uses `tfds.data_source` (random access over ArrayRecord files, no TensorFlow) and grain.
 The training order is global: batch k of every run is a function of the config, the seed and k
-(see `_GlobalOrder`), each process reading its rows of it, so the iterator state is one global
-batch count that restores on any number of processes ("elastic resume"), flips included.
+(see `global_order.GlobalOrder`), each process reading its rows of it, so the iterator state is
+one global batch count that restores on any number of processes ("elastic resume"), flips included.
 
 Every element is a dict of NumPy arrays for THIS process only:
   'image': float32 [local_batch, H, W, C] in [-1, 1] (uint8 x -> x / 127.5 - 1),
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax import folder_source
+from ddpm_jax import global_order
 
 _PREPARE_HINT = (
     "On a machine with internet, run `pip install -e '.[prepare]'` and then "
@@ -269,7 +270,7 @@ class _Preprocess(grain.transforms.Map):
 
 
 class _Augment(grain.transforms.Map):
-  """_Preprocess, then the horizontal flip that `_GlobalOrder` decided for the record."""
+  """_Preprocess, then the horizontal flip that `GlobalOrder` decided for the record."""
 
   def __init__(self, preprocess: _Preprocess):
     self._preprocess = preprocess
@@ -300,111 +301,17 @@ def _shard_options(shard_options: grain.sharding.ShardOptions | None,
   return shard_options
 
 
-# The iterator state's format tag; checkpoints without it predate the global order.
-STATE_FORMAT = "global-order-v1"
-_SHUFFLE_ROUNDS = 4
-
-
-class _GlobalOrder:
-  """This process's rows of the global batch stream, as an (effectively endless) sequence.
-
-  The training stream is the concatenation of epochs, epoch e being a permutation of all N
-  records seeded by (seed, e) (grain's Feistel `index_shuffle`, so no O(N) table). Global batch
-  k is stream positions q = k*B .. (k+1)*B - 1 (batches run on across epoch ends, so nothing
-  is dropped and N < B works). Process p of P reads rows p*B/P .. (p+1)*B/P - 1 of each global
-  batch; element i of this sequence is row p*B/P + i % (B/P) of batch `start + i // (B/P)`.
-  Whether position q is flipped is drawn from a generator seeded by (seed, e, q mod N). None of
-  this depends on P, so every topology trains on the same global batches.
-  """
-
-  def __init__(self, source: Any, *, seed: int, global_batch: int, shard_index: int,
-               shard_count: int, start: int, flip: bool):
-    self._source, self._seed, self._flip = source, seed, flip
-    self._num = len(source)
-    self._global, self._local = global_batch, _local_batch(global_batch, shard_count)
-    self._row0, self._start = shard_index * self._local, start
-
-  def __len__(self) -> int:
-    return self._local * 2**40  # endless in practice (2**40 steps)
-
-  def __repr__(self) -> str:
-    return (f"_GlobalOrder(source={self._source!r}, seed={self._seed}, batch={self._global}, "
-            f"row0={self._row0}, start={self._start})")
-
-  def position(self, index: int) -> int:
-    """Stream position q of element `index`."""
-    batch, row = divmod(index, self._local)
-    return (self._start + batch) * self._global + self._row0 + row
-
-  def record_index(self, position: int) -> tuple[int, int]:
-    """(epoch, record index) of stream position q."""
-    epoch, offset = divmod(position, self._num)
-    epoch_seed = int(np.random.SeedSequence([self._seed, epoch]).generate_state(1)[0])
-    if self._num == 1:
-      return epoch, 0
-    return epoch, int(grain.experimental.index_shuffle(offset, self._num - 1, epoch_seed,
-                                                       _SHUFFLE_ROUNDS))
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    epoch, record = self.record_index(self.position(index))
-    flip = False
-    if self._flip:
-      flip = bool(np.random.default_rng([self._seed, epoch, record]).integers(2))
-    return {"record": self._source[record], "flip": flip}
-
-
-class TrainIterator:
-  """This process's training batches, at a position that is one global batch count.
-
-  `get_state()` is {"format", "position" (global batches consumed), "batch_size", "seed",
-  "num_records"}: the same dict on every process and for every process count, so one copy
-  (written by process 0) restores on any topology. `set_state` moves the iterator there; the
-  grain pipeline (and its worker processes) is (re)built lazily on the next `next()`.
-  """
-
-  def __init__(self, make: Any, state: dict[str, Any]):
-    self._make, self._state, self._iterator = make, dict(state), None
-
-  def __iter__(self) -> "TrainIterator":
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    if self._iterator is None:
-      self.start_prefetch()
-    batch = next(self._iterator)
-    self._state["position"] += 1
-    return batch
-
-  def start_prefetch(self) -> None:
-    self._iterator = iter(self._make(self._state["position"]))
-
-  def get_state(self) -> dict[str, Any]:
-    return dict(self._state)
-
-  def set_state(self, state: dict[str, Any]) -> None:
-    """Moves to `state["position"]`; the other fields must match this run's data."""
-    if state.get("format") != STATE_FORMAT:
-      raise ValueError(f"Data iterator state {state!r} is not in format {STATE_FORMAT!r}.")
-    for key in ("num_records",):
-      if state[key] != self._state[key]:
-        logging.warning("The checkpoint's data iterator had %s=%s, this run has %s: the data "
-                        "order from here on differs from the original run's.", key,
-                        state[key], self._state[key])
-    self._state["position"] = int(state["position"])
-    self._iterator = None
-
-
 def create_train_iterator(
     config: ml_collections.ConfigDict,
     *,
     shard_options: grain.sharding.ShardOptions | None = None,
-) -> TrainIterator:
+) -> global_order.TrainIterator:
   """Returns an endless, checkpointable iterator of this process's rows of the global batches.
 
   Global batch k (training.batch_size records) is a function of the data config,
-  training.seed and k alone (see `_GlobalOrder`); this process gets its contiguous share of
-  the rows. Reading and decoding run in grain (threads, and data.num_workers processes that
-  each build whole batches, so the batches do not depend on the worker count either).
+  training.seed and k alone (see `global_order.GlobalOrder`); this process gets its contiguous
+  share of the rows. Reading and decoding run in grain (threads, and data.num_workers processes
+  that each build whole batches, so the batches do not depend on the worker count either).
 
   Args:
     config: experiment config (reads `data` and `training.batch_size`, `training.seed`).
@@ -412,7 +319,7 @@ def create_train_iterator(
       JAX process's. Tests pass one to stand in for several processes.
 
   Returns:
-    A `TrainIterator` yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
+    A `global_order.TrainIterator` yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
     ('label' only for labelled data), B = training.batch_size // shard count.
   """
   data = config.data
@@ -428,10 +335,10 @@ def create_train_iterator(
   threads = max(2, data.prefetch_batches)
 
   def make(start: int) -> grain.IterDataset:
-    rows = _GlobalOrder(source, seed=config.training.seed, global_batch=global_batch,
-                        shard_index=shard_options.shard_index,
-                        shard_count=shard_options.shard_count, start=start,
-                        flip=data.random_flip)
+    rows = global_order.GlobalOrder(
+        source, seed=config.training.seed, global_batch=global_batch,
+        shard_index=shard_options.shard_index, shard_count=shard_options.shard_count,
+        start=start, flip=data.random_flip)
     # Batching before the worker split: each worker builds whole batches, in order.
     dataset = (grain.MapDataset.source(rows).map(augment)
                .batch(local_batch, drop_remainder=True).map(_ToFloat())
@@ -442,9 +349,9 @@ def create_train_iterator(
           num_workers=data.num_workers, per_worker_buffer_size=max(1, data.prefetch_batches)))
     return dataset
 
-  return TrainIterator(make, {"format": STATE_FORMAT, "position": 0,
-                              "batch_size": global_batch, "seed": config.training.seed,
-                              "num_records": len(source)})
+  return global_order.TrainIterator(make, {
+      "format": global_order.STATE_FORMAT, "position": 0, "batch_size": global_batch,
+      "seed": config.training.seed, "num_records": len(source)})
 
 
 class _PaddedShard:

@@ -27,6 +27,8 @@ from ddpm_jax.schedules import DiffusionTables
 LOSSES = ("mse", "kl", "hybrid")
 WEIGHTINGS = ("none", "p2", "min_snr")
 T_SAMPLINGS = ("uniform", "importance")
+# What the trainer fits: the denoiser, or the noise-conditional classifier of classifier guidance.
+OBJECTIVES = ("diffusion", "classifier")
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 LossFn = Callable[..., tuple[jnp.ndarray, dict[str, jnp.ndarray]]]
@@ -203,6 +205,25 @@ def get_loss_fn(tables: DiffusionTables, *, loss: str = "mse", model_output: str
     else:
       per_example = weight * mse + hybrid_lambda * num_timesteps * vlb
     return per_example, {"mse": mse, "vlb": vlb, "weight": weight}
+
+  return loss_fn
+
+
+def get_classifier_loss_fn(tables: DiffusionTables) -> LossFn:
+  """Returns `loss_fn(model_fn, x0, t, noise, labels) -> (cross-entropy [B], aux)`.
+
+  The noise-conditional classifier of classifier guidance (Dhariwal & Nichol 2021, sec. 4) is
+  trained on the forward marginal: with x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps (DDPM
+  eq. 4), the loss is -log softmax(f(x_t, t))_c for the example's label c. `model_fn(x_t, t)`
+  returns the logits [B, K]; aux holds 'accuracy', 1 where argmax f(x_t, t) = c, else 0.
+  """
+  def loss_fn(model_fn: ModelFn, x0, t, noise, labels):
+    x_t = diffusion.q_sample(tables, x0.astype(jnp.float32), t, noise.astype(jnp.float32))
+    logits = model_fn(x_t, t).astype(jnp.float32)
+    labels = labels.astype(jnp.int32)
+    ce = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=-1)[:, 0]
+    accuracy = (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+    return ce, {"accuracy": accuracy}
 
   return loss_fn
 

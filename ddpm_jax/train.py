@@ -137,7 +137,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer = logging_lib.MetricWriter(workdir, first_step=step)
   progress = logging_lib.Progress(step, tc.num_train_steps)
   local_devices = jax.local_device_count()
-  conditional = config.model.get("num_classes", 0) > 0
+  conditional = config.model.get("num_classes", 0) > 0  # or the classifier's targets
+  # A noise-conditional classifier (training.objective) has no samples to show or score.
+  generative = config_lib.objective(config) == "diffusion"
   metrics, last, preempted = None, {}, False
   t_log = time.perf_counter()
   step_at_log = step
@@ -177,7 +179,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
         _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never save a bad update
         checkpointing.save(manager, state, data_iter)
         writer.flush()  # TensorBoard on a bucket: events up to the checkpoint survive a kill
-      if step % tc.sample_every == 0 or (final and not preempted):
+      if generative and (step % tc.sample_every == 0 or (final and not preempted)):
         _write_grid(config, workdir, writer, grid_sampler, state, step)
       if preempted:
         logging.warning("SIGTERM received: saved step %d, exiting with status %d (preempted).",
@@ -189,7 +191,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   manager.close()
   report = {"step": step, "preempted": preempted, **last}
-  if tc.final_eval_metrics and step == tc.num_train_steps and not preempted:
+  if generative and tc.final_eval_metrics and step == tc.num_train_steps and not preempted:
     report["eval"] = quality.quality_report(config, workdir, state.ema_params, mesh, model,
                                              tables, step, metrics=tc.final_eval_metrics)
   writer.close()

@@ -56,7 +56,7 @@ def all_finite(*trees) -> jnp.ndarray:
 def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int,
                     t_sampling: str, ema_decay: float, learning_rate: optax.Schedule,
                     mesh: Mesh, skip_nonfinite: bool = False, num_classes: int = 0,
-                    p_uncond: float = 0.0) -> Callable:
+                    p_uncond: float = 0.0, labels_to_loss: bool = False) -> Callable:
   """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
   `batch` holds 'image' [B, H, W, C] and 'preempt' [num_devices] bool, both sharded over `data`.
@@ -75,6 +75,8 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       label is replaced by the null class K with probability `p_uncond` (classifier-free
       guidance, Ho & Salimans 2022), drawn from the example's own key like t and the noise.
     p_uncond: the label-drop probability.
+    labels_to_loss: the loss, not the model, takes the labels: `loss_fn(model_fn, x0, t, noise,
+      batch['label'])` (the noise-conditional classifier, `losses.get_classifier_loss_fn`).
 
   `metrics["finite"]` is 1 when the loss, the gradient norm and the *updated* params and EMA are
   all finite on every device (a `pmin` over `data`, which spans every host), else 0. With
@@ -104,9 +106,11 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
 
     def objective(params):
       def model_fn(x_t, t_):
-        return apply_fn({"params": params}, x_t, t_, y, train=True,
+        # y only for a conditional model: the classifier's apply takes (x_t, t) alone.
+        return apply_fn({"params": params}, x_t, t_, *(() if y is None else (y,)), train=True,
                         rngs={"dropout": dropout_rng})
-      per_example, aux = loss_fn(model_fn, x0, t, noise)
+      labels = (batch["label"],) if labels_to_loss else ()
+      per_example, aux = loss_fn(model_fn, x0, t, noise, *labels)
       local_mean = jnp.mean(weights * per_example)
       return local_mean / num_devices, (local_mean, per_example, aux)
 
@@ -134,7 +138,8 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       new_state = jax.tree.map(lambda new, old: jnp.where(finite > 0, new, old), new_state, kept)
       metrics["finite"] = jnp.ones_like(finite)
       metrics["skipped"] = 1 - finite
-    # A SIGTERM seen by any host stops every host at the same step (see train.py).
+    # A SIGTERM that a host's own handler saw (before jax.distributed took over, or with one
+    # process) stops every host at the same step (see train.py and PreemptionGuard).
     metrics["preempt"] = lax.pmax(jnp.any(batch["preempt"]).astype(jnp.int32), AXIS)
     return new_state, metrics
 

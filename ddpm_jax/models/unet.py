@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from ddpm_jax.models import classifier
 from ddpm_jax.models import layers
 
 # Compute dtypes that config.model.dtype may name. Params are float32 in every case.
@@ -155,6 +156,8 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
   resamp_with_conv, dtype, num_classes (absent = 0)}, config.data.num_channels and
   config.diffusion.model_var (a learned variance doubles the output channels).
+  With config.training.objective = 'classifier' it builds the same encoder as a
+  `NoisyClassifier` with model.num_classes logits instead.
 
   Args:
     config: Experiment ConfigDict (see configs/base.py).
@@ -168,6 +171,12 @@ def create_model(config: ml_collections.ConfigDict) -> UNet:
   m = config.model
   if m.dtype not in DTYPES:
     raise ValueError(f"unknown model dtype {m.dtype!r}; valid names: {sorted(DTYPES)}")
+  if config.training.get("objective", "diffusion") == "classifier":
+    # Classifier guidance's p(c | x_t, t): the U-Net's encoder half with a pooled head.
+    return classifier.NoisyClassifier(
+        num_classes=int(m.num_classes), ch=m.ch, ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype])
   num_channels = config.data.num_channels
   learned_var = config.diffusion.model_var in LEARNED_VARIANCES
   return UNet(
