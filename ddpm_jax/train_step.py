@@ -79,7 +79,8 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       batch['label'])` (the noise-conditional classifier, `losses.get_classifier_loss_fn`).
 
   `metrics["finite"]` is 1 when the loss, the gradient norm and the *updated* params and EMA are
-  all finite on every device (a `pmin` over `data`, which spans every host), else 0. With
+  all finite, else 0; all four are invariant over `data` (reduced over every device of every
+  host), so every device computes the same flag. With
   `skip_nonfinite`, `metrics["skipped"]` counts the steps whose update was dropped.
   """
 
