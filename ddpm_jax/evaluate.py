@@ -67,13 +67,13 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     label += ("" if config.model.get("num_classes", 0) > 0 else f"_class{s.class_label}") + \
         f"_cg{s.classifier_scale}"
   stem = epath.Path(workdir) / "samples" / f"{label}_step{step}"
-  path = stem.with_suffix(".npz")
+  path = stem.parent / f"{stem.name}.npz"  # not with_suffix: "_w1.0_step4" has a dot
   if jax.process_index() == 0:
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("wb") as f:
       np.savez_compressed(f, samples=samples)
     scale = max(1, 128 // config.data.image_size)
-    images.save_png(stem.with_suffix(".png"), images.make_grid(samples[:100]), scale=scale)
+    images.save_png(stem.parent / f"{stem.name}.png", images.make_grid(samples[:100]), scale=scale)
     if traj is not None:
       images.save_trajectory_figure(stem.parent / f"{stem.name}_trajectory.png", traj)
   logging.info("Wrote %d samples to %s.", len(samples), path)

@@ -91,7 +91,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   Args:
     config: an experiment config (see configs/base.py).
-    workdir: checkpoints, TensorBoard events, metrics.jsonl and sample grids go here. An existing
+    workdir: checkpoints, TensorBoard events, metrics/ (one file per run segment) and sample grids go here. An existing
       workdir is resumed from its newest checkpoint that restores (see `checkpointing`), after
       its config is checked against this one (see `run_config`).
   """

@@ -7,7 +7,7 @@ checkpoint:
   python -m ddpm_jax.main --config=configs/digits.py --workdir=runs/digits   # once, if needed
   python -m experiments.sweep --sweep=digits_samplers [--checkpoint=runs/digits]
 
-NFE is honest: Heun takes N grid points for 2N - 1 model calls (`sampling.nfe`), so its points use
+NFE is honest: Heun and EDM's stochastic sampler take N grid points for 2N - 1 model calls (`sampling.nfe`), so its points use
 N = (NFE + 1) // 2 and the table reports the calls actually made (`sampler_nfe`, 5, 9, 19, 49, 99).
 Every point scores 500 samples, the quickstart's number, so the samples are drawn exactly as the
 quickstart draws them.
@@ -16,8 +16,10 @@ quickstart draws them.
 NFES = (5, 10, 20, 50, 100)
 # Every name of `ddpm_jax.sampling.SAMPLERS` but ancestral, which (with a fixed variance) always
 # takes all T steps; tests/sweep_test.py checks that none is missing.
-FEW_STEP_SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "dpm_solver_pp",
-                     "dpm_solver_pp_sde")
+FEW_STEP_SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "edm_stochastic",
+                     "dpm_solver_pp", "dpm_solver_pp_sde", "dpm_solver_pp_3m")
+# Second-order samplers that make 2N - 1 model calls on N grid points.
+_TWO_CALLS_PER_STEP = ("heun", "edm_stochastic")
 
 FIXED = {
     "eval.metrics": ("digits_score",),
@@ -27,8 +29,8 @@ FIXED = {
 
 
 def grid_points(sampler: str, nfe: int) -> int:
-  """Grid points N that make at most `nfe` model calls (Heun: 2N - 1, the others N)."""
-  return (nfe + 1) // 2 if sampler == "heun" else nfe
+  """Grid points N that make at most `nfe` model calls (Heun, EDM: 2N - 1, the others N)."""
+  return (nfe + 1) // 2 if sampler in _TWO_CALLS_PER_STEP else nfe
 
 
 def get_sweep(grid: str = "default") -> dict:
