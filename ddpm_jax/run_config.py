@@ -22,7 +22,7 @@ from ddpm_jax import config_lib
 
 # Fields that change the params' shapes (model.dropout and model.dtype do not).
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
-_ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels")
+_ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels", "training.objective")
 # Fields whose change makes the checkpoint's optimiser or importance state another pytree.
 _STRUCTURE = ("diffusion.t_sampling",)
 # The diffusion process and what the network is trained to predict of it.
@@ -31,7 +31,7 @@ PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_term
            "diffusion.hybrid_lambda", "diffusion.weighting", "diffusion.p2_k", "diffusion.p2_gamma",
            "diffusion.min_snr_gamma")
 # Fields added after runs were recorded, with the value those runs had.
-_ADDED_FIELDS = {"model.num_classes": 0}
+_ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion"}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
