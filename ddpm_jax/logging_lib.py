@@ -130,6 +130,7 @@ class MetricWriter:
     """Uploads the staged TensorBoard events now. The trainer calls it after every checkpoint,
     so a killed run loses no events up to the checkpoint it will resume from."""
     if self.enabled and self._tb is not None:
+      self._tb.flush()  # a local workdir: events on disk before a kill
       self._maybe_upload_tb(force=True)
 
   def _maybe_upload_tb(self, force: bool = False) -> None:

@@ -20,6 +20,10 @@ FEW_STEP_SAMPLERS = ("ddim", "euler", "euler_ancestral", "heun", "edm_stochastic
                      "dpm_solver_pp", "dpm_solver_pp_sde", "dpm_solver_pp_3m")
 # Second-order samplers that make 2N - 1 model calls on N grid points.
 _TWO_CALLS_PER_STEP = ("heun", "edm_stochastic")
+# EDM's stochastic sampler with the churn of its ImageNet-64 setting (Karras et al. 2022,
+# Table 5); with s_churn = 0 it would be Heun exactly.
+_EDM_CHURN = {"sampling.s_churn": 40.0, "sampling.s_tmin": 0.05, "sampling.s_tmax": 50.0,
+              "sampling.s_noise": 1.003}
 
 FIXED = {
     "eval.metrics": ("digits_score",),
@@ -46,7 +50,8 @@ def get_sweep(grid: str = "default") -> dict:
   if grid not in nfes:
     raise ValueError(f"Unknown grid {grid!r} for digits_samplers; valid: {list(nfes)}.")
   points = [{"name": f"{s}-nfe{n}", "sampling.sampler": s,
-             "sampling.num_steps": grid_points(s, n)}
+             "sampling.num_steps": grid_points(s, n),
+             **(_EDM_CHURN if s == "edm_stochastic" else {})}
             for n in nfes[grid] for s in FEW_STEP_SAMPLERS]  # cheapest first
   points.append({"name": "ancestral-nfe1000", "sampling.sampler": "ancestral",
                  "sampling.num_steps": 1000})
