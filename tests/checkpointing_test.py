@@ -12,9 +12,10 @@ import shutil
 import types
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 import pytest
+
+import helpers
 
 from ddpm_jax import checkpointing
 from ddpm_jax import evaluate
@@ -25,23 +26,14 @@ from helpers import checkpoint_entries
 from helpers import restore_state
 from helpers import tiny_config
 
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
 STEPS = {"training.num_train_steps": 15, "training.checkpoint_every": 5,
          "training.log_every": 5}
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+    yield
 
 
 @pytest.fixture(scope="module")

@@ -7,6 +7,7 @@ import pytest
 
 from ddpm_jax import sampling
 from sampling_test import DIM, MU, NUM_SAMPLES, SIGMA, _oracle, _sample_many, _tables
+from sampling_test import count_model_calls
 
 
 def test_edm_stochastic_without_churn_is_heun_and_with_it_samples_the_data():
@@ -35,18 +36,8 @@ def test_edm_stochastic_without_churn_is_heun_and_with_it_samples_the_data():
 
 
 def test_edm_stochastic_counts_2n_minus_1_model_calls_with_churn():
-  tables, shape = _tables("linear", 50), (2, 1, 1, DIM)
-  calls = []
-  oracle = _oracle(tables)
-
-  def model_fn(x, t):
-    jax.debug.callback(lambda: calls.append(1))
-    return oracle(x, t)
-
-  sampling.get_sampler("edm_stochastic", tables, num_steps=6, s_churn=5.0)(
-      model_fn, jax.random.key(0), shape)
-  jax.effects_barrier()
-  assert len(calls) == sampling.nfe("edm_stochastic", 6) == 11
+  assert (count_model_calls("edm_stochastic", 6, s_churn=5.0)
+          == sampling.nfe("edm_stochastic", 6) == 11)
 
 
 @pytest.mark.parametrize("key, value, match", [

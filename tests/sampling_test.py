@@ -415,7 +415,8 @@ def test_respaced_ancestral_at_k_equal_t_is_the_full_sampler(model_var):
   assert np.all(np.isfinite(short))
 
 
-def test_heun_counts_2n_minus_1_model_calls():
+def count_model_calls(name: str, num_steps: int, **kwargs) -> int:
+  """How many times sampler `name` calls the model on a `num_steps` grid (linear, T=50)."""
   tables, shape = _tables("linear", 50), (2, 1, 1, DIM)
   calls = []
   oracle = _oracle(tables)
@@ -424,7 +425,12 @@ def test_heun_counts_2n_minus_1_model_calls():
     jax.debug.callback(lambda: calls.append(1))
     return oracle(x, t)
 
-  sampling.get_sampler("heun", tables, num_steps=6)(model_fn, jax.random.key(0), shape)
+  sampling.get_sampler(name, tables, num_steps=num_steps, **kwargs)(
+      model_fn, jax.random.key(0), shape)
   jax.effects_barrier()
-  assert len(calls) == sampling.nfe("heun", 6) == 11
+  return len(calls)
+
+
+def test_heun_counts_2n_minus_1_model_calls():
+  assert count_model_calls("heun", 6) == sampling.nfe("heun", 6) == 11
 

@@ -11,10 +11,11 @@ import re
 import struct
 
 import jax
-from jax.experimental.compilation_cache import compilation_cache
 import numpy as np
 from PIL import Image
 import pytest
+
+import helpers
 from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
@@ -32,22 +33,10 @@ from helpers import restore_state
 from helpers import tiny_config
 
 NUM_DEVICES = 4  # set by conftest.py
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
 @pytest.fixture(scope="module", autouse=True)
 def _compilation_cache(tmp_path_factory):
-  """Caches every compiled program on disk for this module (about a third of its CPU time)."""
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
+  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
+    yield
 
 
 def _make_state_and_step(config, mesh):
