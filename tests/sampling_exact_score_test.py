@@ -105,3 +105,9 @@ def test_heun_on_the_karras_grid_is_second_order_but_loses_at_low_nfe():
 @pytest.mark.parametrize("nfe", [15, 25, 35, 50])
 def test_second_order_no_worse_than_ddim(name, nfe):
   assert error(name, nfe) <= error("ddim", nfe)
+
+
+def test_dpm_solver_pp_drops_order_on_a_large_step_ratio():
+  # Uniform index spacing ends in one log-SNR step about 4x the one before; a second-order step
+  # there was 28x the floor at 20 steps. The step-ratio rule must make it first order.
+  assert error("dpm_solver_pp", 20, "uniform") <= error("ddim", 20)
