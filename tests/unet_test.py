@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -273,3 +274,33 @@ def test_runs_recorded_before_num_classes_existed_still_resume(tmp_path):
   config.model.num_classes = 10
   with pytest.raises(ValueError, match="model.num_classes"):
     run_config.check_resume(config, str(tmp_path), 10)
+
+
+@pytest.mark.parametrize("shape", [(3, 5), (2, 8, 8, 16), (7, 9, 11)])
+@pytest.mark.parametrize("p", [0.9, 0.5])
+def test_threefry_bernoulli_is_jax_random_bernoulli_bit_for_bit(shape, p):
+  for seed in (0, 123456789):
+    key = jax.random.key(seed)
+    fast = jax.jit(layers.threefry_bernoulli, static_argnums=(1, 2))(
+        jax.random.key_data(key), p, shape)
+    np.testing.assert_array_equal(fast, jax.random.bernoulli(key, p, shape))
+
+
+def test_dropout_has_the_masks_of_flax_dropout():
+  """Same name, same rng stream, same masks: the output of nn.Dropout, for typed and raw keys."""
+
+  class Block(nn.Module):
+    dropout: type
+
+    @nn.compact
+    def __call__(self, x, train):
+      return self.dropout(0.1, deterministic=not train)(x) + self.dropout(0.3)(x, not train)
+
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 16)), jnp.float32)
+  for key in (jax.random.key(3), jax.random.PRNGKey(3)):
+    ours = Block(layers.Dropout).apply({}, x, True, rngs={"dropout": key})
+    flax_out = Block(nn.Dropout).apply({}, x, True, rngs={"dropout": key})
+    np.testing.assert_array_equal(ours, flax_out)
+    # Zero where both layers drop: about 0.1 * 0.3 of the elements, so both sample masks.
+    assert 0.015 < float(jnp.mean(ours == 0)) < 0.06
+  np.testing.assert_array_equal(Block(layers.Dropout).apply({}, x, False), 2 * x)

@@ -1,0 +1,266 @@
+"""ddpm_jax against PyTorch diffusers' `UNet2DModel` built as the same network, in one process.
+
+  pip install -e '.[bench]'
+  python benchmarks/vs_diffusers.py --config=configs/cifar10.py --batches=8,32
+  python benchmarks/vs_diffusers.py --config=configs/digits.py --batches=128
+  python benchmarks/vs_diffusers.py --batches=128 --precision=bfloat16 --torch_compile  # GPU
+
+The peer is diffusers' `UNet2DModel` configured as the config's U-Net (the DDPM CIFAR-10 network
+for configs/cifar10.py, 35,746,307 params); the script stops unless both count the same params.
+Three workloads, each at every batch size, timed alternately (ddpm_jax, diffusers, ddpm_jax, ...)
+for `--rounds` rounds so that both see the same machine state:
+
+  train step   one full DDPM update: draw t and noise, q(x_t | x_0), forward, backward, global-norm
+               clip, Adam, EMA. Ours is the real jitted, sharded step of `ddpm_jax.train_step`;
+               theirs is the loop of diffusers' train_unconditional example (model.train(),
+               dropout on, mse on eps, `clip_grad_norm_`, `torch.optim.Adam`, EMA by
+               `torch._foreach_lerp_`), with `loss.item()` as its per-step host sync.
+  forward      one eval-mode forward pass (ours jitted; theirs under `torch.inference_mode`).
+  sampler step one DDIM step: the model call plus the update, per step of a `--sampler_steps`
+               loop (ours: our compiled DDIM loop; theirs: `DDIMScheduler.step` in a Python loop).
+
+Each cell is the median over rounds of the mean time of `--iters` calls after warm-up. The ratio
+column is ddpm_jax's throughput over diffusers' (> 1: we are faster).
+
+`--precision=bfloat16` runs ours with `model.dtype=bfloat16` (GroupNorm, softmax and the loss
+stay float32) and theirs under `torch.autocast(bfloat16)`; `--torch_compile` wraps their model
+in `torch.compile`. PyTorch runs on CUDA when it sees a GPU.
+"""
+
+import os
+import statistics
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from ddpm_jax import config_lib
+from ddpm_jax import models
+from ddpm_jax import sampling
+from ddpm_jax import train_state as train_state_lib
+from ddpm_jax import train_step as train_step_lib
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
+_BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Batch sizes to time.")
+_ROUNDS = flags.DEFINE_integer("rounds", 3, "Alternating A/B rounds per cell.")
+_ITERS = flags.DEFINE_integer("iters", 3, "Calls timed per round (after one warm-up call).")
+_SAMPLER_STEPS = flags.DEFINE_integer("sampler_steps", 4, "DDIM steps per timed sampler loop.")
+_WORKLOADS = flags.DEFINE_list("workloads", ["train", "forward", "sampler"], "What to time.")
+_MARKDOWN = flags.DEFINE_string("markdown", "", "Also write the table to this Markdown file.")
+_PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
+                               "Compute dtype of both sides (params stay float32).")
+_TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "torch.compile the diffusers model.")
+
+
+def diffusers_unet(config):
+  """diffusers' UNet2DModel laid out as `ddpm_jax.models.UNet` for this config.
+
+  DDPM's layout in diffusers' vocabulary (google/ddpm-cifar10-32 uses the same settings):
+  sinusoidal embedding [sin, cos] with frequencies 10000^(-i / (half - 1)) (freq_shift=1, no
+  flip), GroupNorm eps 1e-6, one attention head over all channels, TF 'SAME' strided convs
+  (downsample_padding=0 pads right/bottom as TF does).
+  """
+  from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
+
+  m, d = config.model, config.data
+  attn_at = [d.image_size // 2**level in m.attn_resolutions for level in range(len(m.ch_mult))]
+  down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn_at)
+  up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_at))
+  return UNet2DModel(
+      sample_size=d.image_size, in_channels=d.num_channels, out_channels=d.num_channels,
+      block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
+      down_block_types=down, up_block_types=up, dropout=m.dropout, norm_num_groups=32,
+      norm_eps=1e-6, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
+      downsample_padding=0, act_fn="silu", time_embedding_type="positional")
+
+
+class Ours:
+  """The three workloads in ddpm_jax, on every local device."""
+
+  def __init__(self, config, batch: int):
+    self.config, self.batch = config, batch
+    self.mesh = train_step_lib.make_mesh()
+    self.model = models.create_model(config)
+    tables = config_lib.tables_from_config(config)
+    self.state = train_state_lib.create_train_state(config, self.model, self.mesh)
+    self.step_fn = config_lib.train_step_from_config(config, self.model, tables, self.mesh)
+    d = config.data
+    rng = np.random.default_rng(0)
+    self.images = rng.uniform(-1, 1, (batch, d.image_size, d.image_size, d.num_channels)
+                              ).astype(np.float32)
+    self.train_batch = train_step_lib.global_batch(
+        self.mesh, {"image": self.images,
+                    "preempt": np.zeros((jax.local_device_count(),), np.bool_)})
+    self.x = jax.device_put(self.images, train_step_lib.batch_sharding(self.mesh))
+    self.t = jnp.full((batch,), 500, jnp.int32)
+    apply = self.model.apply
+    self.forward_fn = jax.jit(lambda p, x, t: apply({"params": p}, x, t, train=False))
+    sampler = sampling.get_sampler("ddim", tables, model_output=config.diffusion.model_output,
+                                   model_var=config.diffusion.model_var,
+                                   num_steps=_SAMPLER_STEPS.value)
+    shape = self.images.shape
+    self.sample_fn = jax.jit(lambda p, r: sampler(
+        lambda x_t, t_: apply({"params": p}, x_t, t_, train=False), r, shape)[0])
+
+  def param_count(self) -> int:
+    return train_state_lib.param_count(self.state.params)
+
+  def train(self):
+    self.state, metrics = self.step_fn(self.state, self.train_batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def forward(self):
+    jax.block_until_ready(self.forward_fn(self.state.params, self.x, self.t))
+
+  def sampler(self):
+    jax.block_until_ready(self.sample_fn(self.state.params, jax.random.key(1)))
+
+
+class Theirs:
+  """The same three workloads in PyTorch diffusers, channels-first as diffusers runs them."""
+
+  def __init__(self, config, batch: int):
+    import diffusers  # pylint: disable=g-import-not-at-top
+    import torch  # pylint: disable=g-import-not-at-top
+
+    self.torch = torch
+    torch.manual_seed(0)
+    o = config.optim
+    self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    self.net = diffusers_unet(config).to(self.device)
+    self.model = torch.compile(self.net) if _TORCH_COMPILE.value else self.net
+    self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
+                                   enabled=_PRECISION.value == "bfloat16")
+    self.ema = [p.detach().clone() for p in self.net.parameters()]
+    self.opt = torch.optim.Adam(self.net.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps)
+    self.grad_clip, self.ema_decay = o.grad_clip, config.training.ema_decay
+    self.scheduler = diffusers.DDPMScheduler(num_train_timesteps=config.diffusion.num_timesteps,
+                                             beta_schedule=config.diffusion.schedule)
+    self.ddim = diffusers.DDIMScheduler(num_train_timesteps=config.diffusion.num_timesteps,
+                                        beta_schedule=config.diffusion.schedule)
+    d = config.data
+    rng = np.random.default_rng(0)
+    self.images = torch.from_numpy(rng.uniform(
+        -1, 1, (batch, d.num_channels, d.image_size, d.image_size)).astype(np.float32)).to(
+            self.device)
+    self.t = torch.full((batch,), 500, dtype=torch.long, device=self.device)
+
+  def param_count(self) -> int:
+    return sum(p.numel() for p in self.net.parameters())
+
+  def _sync(self):
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+
+  def train(self):
+    torch, x0 = self.torch, self.images
+    self.model.train()
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, self.scheduler.config.num_train_timesteps, (x0.shape[0],),
+                      device=self.device)
+    x_t = self.scheduler.add_noise(x0, noise, t)
+    with self.autocast:
+      out = self.model(x_t, t).sample
+    loss = torch.nn.functional.mse_loss(out.float(), noise)
+    self.opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(self.net.parameters(), self.grad_clip)
+    self.opt.step()
+    with torch.no_grad():
+      torch._foreach_lerp_(self.ema, list(self.net.parameters()), 1.0 - self.ema_decay)  # pylint: disable=protected-access
+    loss.item()  # the example's per-step host sync (its progress bar shows the loss)
+
+  def forward(self):
+    self.model.eval()
+    with self.torch.inference_mode(), self.autocast:
+      self.model(self.images, self.t)
+    self._sync()
+
+  def sampler(self):
+    torch = self.torch
+    self.model.eval()
+    self.ddim.set_timesteps(_SAMPLER_STEPS.value)
+    x = torch.randn_like(self.images)
+    with torch.inference_mode():
+      for t in self.ddim.timesteps:
+        with self.autocast:
+          eps = self.model(x, t).sample
+        x = self.ddim.step(eps.float(), t, x, eta=0.0).prev_sample
+    self._sync()
+
+
+def _time(fn, iters: int) -> float:
+  start = time.perf_counter()
+  for _ in range(iters):
+    fn()
+  return (time.perf_counter() - start) / iters
+
+
+def compare(config, batch: int, workloads) -> list[dict]:
+  ours, theirs = Ours(config, batch), Theirs(config, batch)
+  if ours.param_count() != theirs.param_count():
+    raise SystemExit(f"parameter counts differ: ddpm_jax {ours.param_count():,}, diffusers "
+                     f"{theirs.param_count():,}; the peer is not the same network")
+  rows = []
+  for name in workloads:
+    per_call = {"ddpm_jax": [], "diffusers": []}
+    runners = {"ddpm_jax": getattr(ours, name), "diffusers": getattr(theirs, name)}
+    for fn in runners.values():
+      fn()  # compile / warm up
+    for _ in range(_ROUNDS.value):
+      for who, fn in runners.items():
+        per_call[who].append(_time(fn, _ITERS.value))
+    div = _SAMPLER_STEPS.value if name == "sampler" else 1
+    med = {who: statistics.median(v) / div for who, v in per_call.items()}
+    rows.append(dict(workload=name, batch=batch, ours_s=med["ddpm_jax"],
+                     theirs_s=med["diffusers"], ratio=med["diffusers"] / med["ddpm_jax"],
+                     params=ours.param_count()))
+    print(f"  {name:<8} batch {batch:>4}: ddpm_jax {med['ddpm_jax'] * 1e3:8.1f} ms, "
+          f"diffusers {med['diffusers'] * 1e3:8.1f} ms, ratio {rows[-1]['ratio']:.2f}x", flush=True)
+  return rows
+
+
+def table(rows, forward_by_batch) -> str:
+  lines = ["| workload | batch | ddpm_jax ms | diffusers ms | ddpm_jax img/s | diffusers img/s "
+           "| ratio | ours vs our forward |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+  for r in rows:
+    rel = r["ours_s"] / forward_by_batch[r["batch"]] if r["batch"] in forward_by_batch else float(
+        "nan")
+    lines.append(f"| {r['workload']} | {r['batch']} | {r['ours_s'] * 1e3:.1f} | "
+                 f"{r['theirs_s'] * 1e3:.1f} | {r['batch'] / r['ours_s']:.1f} | "
+                 f"{r['batch'] / r['theirs_s']:.1f} | **{r['ratio']:.2f}x** | {rel:.3f}x |")
+  return "\n".join(lines)
+
+
+def main(_):
+  import diffusers  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+
+  config = _CONFIG.value
+  with config.unlocked():
+    config.model.dtype = _PRECISION.value
+  config_lib.validate_config(config, check_data=False)
+  print(f"jax {jax.__version__} on {jax.device_count()} x {jax.devices()[0].device_kind}; "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads, "
+        f"{'cuda' if torch.cuda.is_available() else 'cpu'}"
+        f"{', compiled' if _TORCH_COMPILE.value else ''}), diffusers {diffusers.__version__}; "
+        f"{_PRECISION.value}; {os.cpu_count()} CPUs; XLA_FLAGS="
+        f"{os.environ.get('XLA_FLAGS', '')!r}", flush=True)
+  rows = []
+  for batch in map(int, _BATCHES.value):
+    rows += compare(config, batch, _WORKLOADS.value)
+  print(f"params: {rows[0]['params']:,} each")
+  forward = {r["batch"]: r["ours_s"] for r in rows if r["workload"] == "forward"}
+  text = table(rows, forward)
+  print(text)
+  if _MARKDOWN.value:
+    with open(_MARKDOWN.value, "w", encoding="utf-8") as f:
+      f.write(text + "\n")
+
+
+if __name__ == "__main__":
+  app.run(main)
