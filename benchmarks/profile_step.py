@@ -13,6 +13,7 @@ to more than the wall time.
 """
 
 import collections
+import os
 import re
 import tempfile
 import time
@@ -83,8 +84,12 @@ def main(_):
   for name, ms in times.items():
     desc = names.get(name, name)
     by_kind[re.sub(r" -> .*| window \S+", "", desc)] += ms
+  threads = os.cpu_count()
   print(f"{_WHAT.value} at batch {_BATCH.value}: {wall:.1f} ms wall per call (under the "
-        f"profiler), {total:.1f} ms of op thread-time, {len(times)} ops; trace in {trace_dir}\n")
+        f"profiler), {total:.1f} ms of op thread-time in {len(times)} thunks; trace in "
+        f"{trace_dir}\n{threads} threads x wall - op time = "
+        f"{max(threads * wall - total, 0):.0f} ms per call not inside a traced op (idle "
+        f"threads, and the work of Eigen's convolutions, which run as untraced pool tasks)\n")
   print("| # | op | what it computes | ms/call | share |\n|---:|---|---|---:|---:|")
   for i, (name, ms) in enumerate(times.most_common(_TOP.value), 1):
     print(f"| {i} | `{name}` | {names.get(name, '?')} | {ms:.1f} | {ms / total:.1%} |")
