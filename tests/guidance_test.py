@@ -52,7 +52,9 @@ def test_batched_pass_equals_two_separate_passes_and_keeps_cond_variance():
   u = np.asarray(jax.jit(cond_fn)(x, t, jnp.full((4,), 3)))
   want = (1 + w) * c[..., :1] - w * u[..., :1]
   np.testing.assert_allclose(got[..., :1], want, atol=1e-5)
-  np.testing.assert_allclose(got[..., 1:], c[..., 1:], atol=1e-6)
+  # The variance channel is the conditional pass's; 1e-5 allows for the batch-of-8 pass
+  # rounding differently from the batch-of-4 one.
+  np.testing.assert_allclose(got[..., 1:], c[..., 1:], atol=1e-5)
 
 
 def test_interval_limits_guidance_to_its_timesteps():

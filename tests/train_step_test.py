@@ -78,7 +78,8 @@ def test_huge_gradient_first_adam_moment_is_bounded_by_the_clip_norm():
   mu = _named(opt_state, "mu")
   assert mu
   # After one step mu = (1 - b1) * clipped gradient, whose global norm is at most `clip`.
-  np.testing.assert_allclose(float(optax.tree.norm(mu)), (1 - b1) * clip, rtol=1e-5)
+  # (Two float32 global norms, each rounding by a few 1e-5.)
+  np.testing.assert_allclose(float(optax.tree.norm(mu)), (1 - b1) * clip, rtol=1e-4)
 
 
 def test_importance_sampled_steps_fill_the_history_with_the_gathered_losses():

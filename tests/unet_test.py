@@ -1,5 +1,6 @@
 """Tests of the DDPM U-Net: exact size, shapes, dropout, timestep use, gradients, dtypes."""
 
+import collections
 import functools
 
 import flax.linen as nn
@@ -181,6 +182,46 @@ def test_bfloat16_compute_close_to_float32():
   # layers the error compounds to a few percent, so 5% relative (in L2 norm) is the bound.
   rel_err = np.linalg.norm(out16 - out32) / np.linalg.norm(out32)
   assert rel_err < 5e-2, rel_err
+
+
+def _equations(jaxpr):
+  """Every equation of a jaxpr, recursing into sub-jaxprs (jit, custom_jvp, ...)."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for value in eqn.params.values():
+      for sub in value if isinstance(value, (list, tuple)) else (value,):
+        inner = getattr(sub, "jaxpr", sub)
+        if hasattr(inner, "eqns"):
+          yield from _equations(inner)
+
+
+def test_bfloat16_training_keeps_norms_softmax_and_loss_in_float32():
+  """With bfloat16 compute, every reduction (GroupNorm statistics, the softmax, the loss) and every
+  exp / rsqrt of the forward pass and the loss reads float32, and the loss is float32."""
+  from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import schedules  # pylint: disable=g-import-not-at-top
+
+  x, t = _inputs()
+  model16 = models.TinyUNet(out_channels=1, dtype=jnp.bfloat16)
+  variables = _random_params(TINY)
+  loss_fn = losses.get_loss_fn(schedules.make_tables(schedules.get_beta_schedule("linear", 1000)))
+
+  def loss(params):
+    model_fn = lambda x_t, t_: model16.apply({"params": params}, x_t, t_, train=False)
+    return jnp.mean(loss_fn(model_fn, x, t, x[::-1])[0])
+
+  closed = jax.make_jaxpr(loss)(variables["params"])
+  assert closed.out_avals[0].dtype == jnp.float32
+  checked = {"reduce_sum", "reduce_max", "exp", "rsqrt", "log"}
+  seen = collections.Counter()
+  for eqn in _equations(closed.jaxpr):
+    if eqn.primitive.name in checked:
+      seen[eqn.primitive.name] += 1
+      assert all(v.aval.dtype == jnp.float32 for v in eqn.invars), (eqn.primitive, eqn.invars)
+  assert seen["reduce_max"] >= 1 and seen["exp"] >= 1 and seen["rsqrt"] >= 1, seen
+  # And the convolutions and matmuls really run in bfloat16.
+  assert any(eqn.primitive.name == "conv_general_dilated" and
+             eqn.invars[0].aval.dtype == jnp.bfloat16 for eqn in _equations(closed.jaxpr))
 
 
 def test_create_model_rejects_unknown_dtype():
