@@ -23,13 +23,9 @@ from absl import flags
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
-import numpy as np
 
 from ddpm_jax import config_lib
-from ddpm_jax import models
 from ddpm_jax import perf
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -40,20 +36,12 @@ _TRACE_DIR = flags.DEFINE_string("trace_dir", "", "Keep the trace here ('' = a t
 
 def _program(config, batch: int):
   """(compiled program, its arguments) for the train step or the eval forward pass."""
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
-  state = train_state_lib.create_train_state(config, model, mesh)
-  d = config.data
-  images = np.random.default_rng(0).uniform(
-      -1, 1, (batch, d.image_size, d.image_size, d.num_channels)).astype(np.float32)
+  setup = perf.train_setup(config, batch)
   if _WHAT.value == "train":
-    tables = config_lib.tables_from_config(config)
-    step = config_lib.train_step_from_config(config, model, tables, mesh)
-    args = (state, train_step_lib.global_batch(
-        mesh, {"image": images, "preempt": np.zeros((jax.local_device_count(),), np.bool_)}))
-    return step.lower(*args).compile(), args, True
-  fwd = jax.jit(lambda p, x, t: model.apply({"params": p}, x, t, train=False))
-  args = (state.params, jnp.asarray(images), jnp.full((batch,), 500, jnp.int32))
+    args = (setup.state, setup.batch)
+    return setup.step_fn.lower(*args).compile(), args, True
+  fwd = jax.jit(lambda p, x, t: setup.model.apply({"params": p}, x, t, train=False))
+  args = (setup.state.params, jnp.asarray(setup.images), jnp.full((batch,), 500, jnp.int32))
   return fwd.lower(*args).compile(), args, False
 
 

@@ -21,13 +21,11 @@ from absl import app
 from absl import flags
 import jax
 from ml_collections import config_flags
-import numpy as np
 
 from ddpm_jax import config_lib
 from ddpm_jax import models
 from ddpm_jax import perf
 from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -46,20 +44,11 @@ def main(_):
   with config.unlocked():
     config.training.batch_size = _BATCH.value
   config_lib.validate_config(config, check_data=False)
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
-  state = train_state_lib.create_train_state(config, model, mesh)
-  step_fn = config_lib.train_step_from_config(config, model, tables, mesh)
-  d = config.data
-  rng = np.random.default_rng(0)
-  local = {"image": rng.uniform(-1, 1, (_BATCH.value // jax.process_count(), d.image_size,
-                                        d.image_size, d.num_channels)).astype(np.float32),
-           "preempt": np.zeros((jax.local_device_count(),), np.bool_)}
-  batch = train_step_lib.global_batch(mesh, local)
+  setup = perf.train_setup(config, _BATCH.value)
+  state, batch = setup.state, setup.batch
 
   start = time.perf_counter()
-  compiled = step_fn.lower(state, batch).compile()
+  compiled = setup.step_fn.lower(state, batch).compile()
   compile_s = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost

@@ -47,7 +47,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from ddpm_jax import config_lib
-from ddpm_jax import models
+from ddpm_jax import perf
 from ddpm_jax import sampling
 from ddpm_jax import train_state as train_state_lib
 from ddpm_jax import train_step as train_step_lib
@@ -93,27 +93,17 @@ class Ours:
   """The three workloads in ddpm_jax, on every local device."""
 
   def __init__(self, config, batch: int):
-    self.config, self.batch = config, batch
-    self.mesh = train_step_lib.make_mesh()
-    self.model = models.create_model(config)
-    tables = config_lib.tables_from_config(config)
-    self.state = train_state_lib.create_train_state(config, self.model, self.mesh)
-    self.step_fn = config_lib.train_step_from_config(config, self.model, tables, self.mesh)
-    d = config.data
-    rng = np.random.default_rng(0)
-    self.images = rng.uniform(-1, 1, (batch, d.image_size, d.image_size, d.num_channels)
-                              ).astype(np.float32)
-    self.train_batch = train_step_lib.global_batch(
-        self.mesh, {"image": self.images,
-                    "preempt": np.zeros((jax.local_device_count(),), np.bool_)})
-    self.x = jax.device_put(self.images, train_step_lib.batch_sharding(self.mesh))
+    setup = perf.train_setup(config, batch)
+    self.state, self.step_fn, self.train_batch = setup.state, setup.step_fn, setup.batch
+    self.x = jax.device_put(setup.images, train_step_lib.batch_sharding(setup.mesh))
     self.t = jnp.full((batch,), 500, jnp.int32)
-    apply = self.model.apply
+    apply = setup.model.apply
     self.forward_fn = jax.jit(lambda p, x, t: apply({"params": p}, x, t, train=False))
-    sampler = sampling.get_sampler("ddim", tables, model_output=config.diffusion.model_output,
+    sampler = sampling.get_sampler("ddim", setup.tables,
+                                   model_output=config.diffusion.model_output,
                                    model_var=config.diffusion.model_var,
                                    num_steps=_SAMPLER_STEPS.value)
-    shape = self.images.shape
+    shape = setup.images.shape
     self.sample_fn = jax.jit(lambda p, r: sampler(
         lambda x_t, t_: apply({"params": p}, x_t, t_, train=False), r, shape)[0])
 

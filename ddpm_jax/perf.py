@@ -1,7 +1,8 @@
 """Performance accounting: device peaks for MFU, and XLA's per-op profile of a compiled program.
 
-`benchmarks/train_throughput.py` reports MFU with `peak_tflops`; `benchmarks/profile_step.py`
-turns a `jax.profiler` trace into a per-op table with `describe_ops` and `op_times`.
+`train_setup` builds what every train-step benchmark times; `benchmarks/train_throughput.py`
+reports MFU with `peak_tflops`; `benchmarks/profile_step.py` turns a `jax.profiler` trace into a
+per-op table with `describe_ops` and `op_times`.
 """
 
 import collections
@@ -10,9 +11,16 @@ import json
 import os
 import re
 import time
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import config_lib
+from ddpm_jax import models
+from ddpm_jax import train_state
+from ddpm_jax import train_step
 
 # Thread-pool bookkeeping events that enclose XLA:CPU's ops rather than being ops.
 _NOT_OPS = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "$")
@@ -41,6 +49,33 @@ def peak_tflops(device_kind: str, dtype: str) -> float | None:
   matches = [(len(k), v) for (k, d), v in PEAK_TFLOPS.items()
              if device_kind.startswith(k) and d == dtype]
   return max(matches)[1] if matches else None
+
+
+class TrainSetup(NamedTuple):
+  """What a benchmark of the train step needs, built from a config as training would."""
+  mesh: jax.sharding.Mesh
+  model: Any
+  tables: Any
+  state: train_state.TrainState
+  step_fn: Any
+  images: np.ndarray   # this process's rows of the global batch, uniform in [-1, 1]
+  batch: dict          # the global batch the step takes
+
+
+def train_setup(config, global_batch: int) -> TrainSetup:
+  """The config's model, initial state, jitted step and a fixed random batch, on every device."""
+  mesh = train_step.make_mesh()
+  model = models.create_model(config)
+  tables = config_lib.tables_from_config(config)
+  state = train_state.create_train_state(config, model, mesh)
+  step_fn = config_lib.train_step_from_config(config, model, tables, mesh)
+  d = config.data
+  images = np.random.default_rng(0).uniform(
+      -1, 1, (global_batch // jax.process_count(), d.image_size, d.image_size, d.num_channels)
+  ).astype(np.float32)
+  batch = train_step.global_batch(
+      mesh, {"image": images, "preempt": np.zeros((jax.local_device_count(),), np.bool_)})
+  return TrainSetup(mesh, model, tables, state, step_fn, images, batch)
 
 
 def matmul_gflops(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
