@@ -23,8 +23,8 @@ from PIL import Image
 import tensorflow_datasets as tfds
 
 from configs import base
-from ddpm_jax import input_pipeline
-from ddpm_jax import pack_folder
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.data import pack_folder
 
 _DATASETS = flags.DEFINE_list("datasets", ["cifar10", "digits"], "Datasets to measure.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 5000, "Mock CIFAR-10 split size.")

@@ -24,8 +24,8 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ddpm_jax import config_lib
-from ddpm_jax import perf
+from ddpm_jax.config import config_lib
+from benchmarks import perf
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")

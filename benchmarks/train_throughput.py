@@ -22,10 +22,10 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from ddpm_jax import config_lib
+from ddpm_jax.config import config_lib
 from ddpm_jax import models
-from ddpm_jax import perf
-from ddpm_jax import train_state as train_state_lib
+from benchmarks import perf
+from ddpm_jax.runtime import train_state as train_state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")

@@ -46,11 +46,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from ddpm_jax import config_lib
-from ddpm_jax import perf
+from ddpm_jax.config import config_lib
+from benchmarks import perf
 from ddpm_jax import sampling
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import train_step as train_step_lib
+from ddpm_jax.runtime import mesh as mesh_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Batch sizes to time.")
@@ -95,7 +96,7 @@ class Ours:
   def __init__(self, config, batch: int):
     setup = perf.train_setup(config, batch)
     self.state, self.step_fn, self.train_batch = setup.state, setup.step_fn, setup.batch
-    self.x = jax.device_put(setup.images, train_step_lib.batch_sharding(setup.mesh))
+    self.x = jax.device_put(setup.images, mesh_lib.batch_sharding(setup.mesh))
     self.t = jnp.full((batch,), 500, jnp.int32)
     apply = setup.model.apply
     self.forward_fn = jax.jit(lambda p, x, t: apply({"params": p}, x, t, train=False))

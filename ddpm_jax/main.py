@@ -7,6 +7,10 @@
 Any config field can be overridden, e.g. --config.diffusion.schedule=cosine; a misspelt key is
 an error. On a multi-host TPU pod slice, run the same command on every worker.
 
+This is the one place that changes the process: run as a program it sets the project's process
+defaults (`runtime.process_env`), a SIGTERM handler (from the first line, since imports and the
+compile take many seconds) and the console format. Importing it only defines the flags.
+
 Exit status: 0 when training finished (or there was nothing left to train), 75 (EX_TEMPFAIL,
 `checkpointing.EXIT_PREEMPTED`) when a SIGTERM stopped training after saving its work, so a job
 wrapper should run the same command again; 1 on an error.
@@ -17,22 +21,16 @@ import signal
 import sys
 import threading
 
-# SIGTERM from here on only sets a flag, which the train loop turns into a save and exit 75
-# (see checkpointing.PreemptionGuard); the imports and the compile below take many seconds.
-_SIGTERM = threading.Event()
-signal.signal(signal.SIGTERM, lambda *_: _SIGTERM.set())
-
 from absl import app
 from absl import flags
 from absl import logging
-import jax
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"],
-                          "What to run (edit: inpainting / SDEdit, see ddpm_jax/edit_mode.py).")
+                          "What to run (edit: inpainting / SDEdit, see ddpm_jax/evaluation/drivers.py).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0, for multi-process runs outside TPU pods (with --num_processes and "
@@ -46,12 +44,17 @@ _MULTIHOST = flags.DEFINE_enum(
 
 flags.mark_flags_as_required(["config", "workdir"])
 
+# Set by the SIGTERM handler that `run()` installs; the train loop turns it into a save and
+# exit 75 (see checkpointing.PreemptionGuard). In-process callers of `main` get a fresh event.
+_SIGTERM = threading.Event()
+
 
 def _tpu_pod() -> bool:
   return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 
 
 def init_distributed() -> None:
+  import jax  # pylint: disable=g-import-not-at-top
   explicit = _COORDINATOR.value is not None
   if _MULTIHOST.value == "off" or (_MULTIHOST.value == "auto" and not (explicit or _tpu_pod())):
     return
@@ -66,34 +69,38 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   init_distributed()
-  from ddpm_jax import logging_lib  # pylint: disable=g-import-not-at-top
-  logging_lib.setup_console()
   # Imported after jax.distributed so that nothing touches the backend before it is set up.
-  from ddpm_jax import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import evaluate  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import drivers  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.runtime import logging_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import train  # pylint: disable=g-import-not-at-top
+  logging_lib.setup_console()
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Mode %s, workdir %s, process %d/%d.", _MODE.value, workdir, jax.process_index(),
                jax.process_count())
   if _MODE.value == "train":
-    checkpointing.PreemptionGuard.adopt(_SIGTERM)
-    report = train.train_and_evaluate(config, workdir)
+    report = train.train_and_evaluate(config, workdir, sigterm=_SIGTERM)
     if report.get("preempted"):
       sys.exit(checkpointing.EXIT_PREEMPTED)
     return
   # Sampling and evaluation save nothing: SIGTERM ends them at once, with 128 + 15.
-  signal.signal(signal.SIGTERM, signal.SIG_DFL)
+  if threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
   if _SIGTERM.is_set():
     sys.exit(128 + signal.SIGTERM)
-  if _MODE.value == "sample":
-    evaluate.sample(config, workdir)
-  elif _MODE.value == "edit":
-    from ddpm_jax import edit_mode  # pylint: disable=g-import-not-at-top
-    edit_mode.edit(config, workdir)
-  else:
-    evaluate.evaluate(config, workdir)
+  {"sample": drivers.sample, "eval": drivers.evaluate, "edit": drivers.edit}[_MODE.value](
+      config, workdir)
+
+
+def run() -> None:
+  """The program: process defaults, the SIGTERM flag, then flags and `main`."""
+  signal.signal(signal.SIGTERM, lambda *_: _SIGTERM.set())
+  from ddpm_jax.runtime import process_env  # pylint: disable=g-import-not-at-top
+  process_env.set_defaults()
+  app.run(main)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  run()

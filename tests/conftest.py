@@ -1,4 +1,5 @@
-"""Test-wide JAX setup: 4 simulated CPU devices and fast compiles.
+"""Test-wide JAX setup: the entry points' process defaults, 4 simulated CPU devices and fast
+compiles.
 
 This must run before anything imports jax, which pytest guarantees for conftest.py.
 """
@@ -7,6 +8,10 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+from ddpm_jax.runtime import process_env  # noqa: E402  (imports nothing heavy)
+
+process_env.set_defaults()  # as `python -m ddpm_jax.main` does: the same XLA kernels
 
 import jax  # noqa: E402
 

@@ -15,11 +15,11 @@ import ml_collections
 
 from configs import cifar10
 from configs import digits
-from ddpm_jax import checkpointing
-from ddpm_jax import logging_lib
-from ddpm_jax import models
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import factories
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import logging_lib
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import train_state as train_state_lib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -158,8 +158,8 @@ def restore_state(config, workdir, data_iter=None, step: int | None = None):
 
   `data_iter`, when given, is moved to the position saved with it.
   """
-  target = train_state_lib.create_train_state(config, models.create_model(config),
-                                              train_step_lib.make_mesh())
+  target = train_state_lib.create_train_state(config, factories.create_model(config),
+                                              mesh_lib.make_mesh())
   manager = checkpointing.create_manager(workdir, keep=None, read_only=True)
   try:
     return jax.device_get(checkpointing.restore(manager, target, data_iter, step=step))

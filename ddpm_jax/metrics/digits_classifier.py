@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax.input_pipeline import load_digits_arrays
+from ddpm_jax.data.input_pipeline import load_digits_arrays
 from ddpm_jax.metrics import fid
 
 NUM_CLASSES = 10

@@ -1,19 +1,19 @@
-"""Denoising networks: the DDPM U-Net and the factory that builds it from a config."""
+"""The networks, as Flax modules with typed fields (no config): the DDPM U-Net and the
+noise-conditional classifier of classifier guidance. `config.factories.create_model` builds them
+from an experiment config."""
 
+from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.models.unet import DTYPES
-from ddpm_jax.models.unet import LEARNED_VARIANCES
 from ddpm_jax.models.unet import TinyUNet
 from ddpm_jax.models.unet import UNet
-from ddpm_jax.models.unet import create_model
 from ddpm_jax.models.unet import param_count
 from ddpm_jax.models.unet import param_shapes
 
 __all__ = [
     "DTYPES",
-    "LEARNED_VARIANCES",
+    "NoisyClassifier",
     "TinyUNet",
     "UNet",
-    "create_model",
     "param_count",
     "param_shapes",
 ]

@@ -1,7 +1,7 @@
-"""The DDPM U-Net (Ho et al. 2020, appendix B) and the factory that builds it from a config.
+"""The DDPM U-Net (Ho et al. 2020, appendix B).
 
-The module takes typed fields only; `create_model` is the one place that reads the
-experiment ConfigDict and maps its names (dtype, model_var) onto those fields.
+The module takes typed fields only; `config.factories.create_model` is the one place that reads
+the experiment ConfigDict and maps its names (dtype, model_var) onto those fields.
 """
 
 import functools
@@ -10,15 +10,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 
-from ddpm_jax.models import classifier
 from ddpm_jax.models import layers
 
 # Compute dtypes that config.model.dtype may name. Params are float32 in every case.
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # Variance parameterisations whose network also outputs a variance, so twice the channels.
-LEARNED_VARIANCES = ("learned", "learned_range")
 
 
 class UNet(nn.Module):
@@ -148,48 +145,6 @@ class UNet(nn.Module):
 # (16, 32 and the concatenations 32, 48, 64). Pass out_channels when building it.
 TinyUNet = functools.partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                              dropout=0.0, resamp_with_conv=True, num_groups=8)
-
-
-def create_model(config: ml_collections.ConfigDict) -> UNet:
-  """Builds the U-Net described by a full experiment config.
-
-  Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-  resamp_with_conv, dtype, num_classes (absent = 0)}, config.data.num_channels and
-  config.diffusion.model_var (a learned variance doubles the output channels).
-  With config.training.objective = 'classifier' it builds the same encoder as a
-  `NoisyClassifier` with model.num_classes logits instead.
-
-  Args:
-    config: Experiment ConfigDict (see configs/base.py).
-
-  Returns:
-    An unbound UNet.
-
-  Raises:
-    ValueError: If config.model.dtype is not a key of DTYPES.
-  """
-  m = config.model
-  if m.dtype not in DTYPES:
-    raise ValueError(f"unknown model dtype {m.dtype!r}; valid names: {sorted(DTYPES)}")
-  if config.training.get("objective", "diffusion") == "classifier":
-    # Classifier guidance's p(c | x_t, t): the U-Net's encoder half with a pooled head.
-    return classifier.NoisyClassifier(
-        num_classes=int(m.num_classes), ch=m.ch, ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks, attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout, resamp_with_conv=m.resamp_with_conv, dtype=DTYPES[m.dtype])
-  num_channels = config.data.num_channels
-  learned_var = config.diffusion.model_var in LEARNED_VARIANCES
-  return UNet(
-      ch=m.ch,
-      ch_mult=tuple(m.ch_mult),
-      num_res_blocks=m.num_res_blocks,
-      attn_resolutions=tuple(m.attn_resolutions),
-      dropout=m.dropout,
-      resamp_with_conv=m.resamp_with_conv,
-      out_channels=2 * num_channels if learned_var else num_channels,
-      dtype=DTYPES[m.dtype],
-      num_classes=int(m.get("num_classes", 0)),
-  )
 
 
 def param_shapes(module: nn.Module, image_size: int, channels: int) -> Any:

@@ -32,9 +32,14 @@ variances). Every sampler is a single `lax.fori_loop`.
 
 import numpy as np
 
-from ddpm_jax import diffusion
-from ddpm_jax.sampling import _loop, dpm_solver, grids, sigma, vp
-from ddpm_jax.sampling.grids import GRIDS, make_grid
+from ddpm_jax.core import diffusion
+from ddpm_jax.sampling import loop as _loop
+from ddpm_jax.sampling import dpm_solver
+from ddpm_jax.sampling import grids
+from ddpm_jax.sampling import sigma
+from ddpm_jax.sampling import vp
+from ddpm_jax.sampling.grids import GRIDS
+from ddpm_jax.sampling.grids import make_grid
 
 # name -> (factory(tables, model_output, model_var, clip_x0, **options), default grid).
 _SAMPLERS = {
@@ -132,7 +137,7 @@ def get_sampler(name: str, tables, *, model_output: str = "eps", model_var: str 
   else:
     make = factory(*args)
   g = make_grid(grid, tables, num_steps)
-  return _loop.run(make, g, int(trajectory_every), tables)
+  return loop.run(make, g, int(trajectory_every), tables)
 
 
 __all__ = ["GRIDS", "SAMPLERS", "DEFAULT_GRIDS", "EDM_DEFAULTS", "check_edm_options", "get_sampler",

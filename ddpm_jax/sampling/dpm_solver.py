@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.sampling import _loop
+from ddpm_jax.sampling import loop as _loop
 
 MAX_STEP_RATIO = 2.0
 LOWER_ORDER_FINAL_STEPS = 15
@@ -26,7 +26,7 @@ LOWER_ORDER_FINAL_STEPS = 15
 
 def dpm_solver_pp(tables, model_output, model_var, clip_x0, sde: bool = False):
   def make(grid):
-    lv = _loop.levels(tables, grid)
+    lv = loop.levels(tables, grid)
     with np.errstate(divide="ignore", invalid="ignore"):
       lam = -np.log(lv.sigma)
       lam1 = -np.log(lv.sigma_next)
@@ -51,14 +51,14 @@ def dpm_solver_pp(tables, model_output, model_var, clip_x0, sde: bool = False):
     a, s, x_c, d_c, z_c, corr = f(lv.alpha), f(lv.s), f(x_c), f(d_c), f(z_c), f(corr)
 
     def step(i, x, x0_prev, model_out, key, model_fn):
-      x0, _ = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
+      x0, _ = loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
       d = x0 + corr[i] * (x0 - x0_prev)
       x_next = x_c[i] * x + d_c[i] * d
       if sde:
         x_next = x_next + z_c[i] * jax.random.normal(key, x.shape, x.dtype)
       return x_next, x0, x0
 
-    return _loop.Stepper(grid, jnp.zeros_like, step)
+    return loop.Stepper(grid, jnp.zeros_like, step)
   return make
 
 
@@ -108,16 +108,16 @@ def _weights_3m(lv, n: int) -> tuple[np.ndarray, np.ndarray]:
 def dpm_solver_pp_3m(tables, model_output, model_var, clip_x0):
   """DPM-Solver++(3M): x' = (s'/s) x + w_0 D_i + w_1 D_{i-1} + w_2 D_{i-2} (`_weights_3m`)."""
   def make(grid):
-    lv = _loop.levels(tables, grid)
+    lv = loop.levels(tables, grid)
     _, w = _weights_3m(lv, grid.size)
     f = lambda v: jnp.asarray(v, jnp.float32)
     a, s, x_c, w = f(lv.alpha), f(lv.s), f(lv.s_next / lv.s), f(w)
 
     def step(i, x, past, model_out, key, model_fn):
-      x0, _ = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
+      x0, _ = loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
       x1, x2 = past
       x_next = x_c[i] * x + w[i, 0] * x0 + w[i, 1] * x1 + w[i, 2] * x2
       return x_next, (x0, x1), x0
 
-    return _loop.Stepper(grid, lambda x: (jnp.zeros_like(x), jnp.zeros_like(x)), step)
+    return loop.Stepper(grid, lambda x: (jnp.zeros_like(x), jnp.zeros_like(x)), step)
   return make

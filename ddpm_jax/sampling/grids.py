@@ -16,7 +16,7 @@ sinusoidal embedding is continuous in t, so fractional t is in-distribution betw
 
 import numpy as np
 
-from ddpm_jax.schedules import DiffusionTables
+from ddpm_jax.core.schedules import DiffusionTables
 
 # Karras et al. 2022 (EDM), eq. 5: rho = 7.
 KARRAS_RHO = 7.0

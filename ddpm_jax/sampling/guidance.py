@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion
 
 CondModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]

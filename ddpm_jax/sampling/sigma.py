@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.sampling import _loop, grids
+from ddpm_jax.sampling import loop as _loop
+from ddpm_jax.sampling import grids
 
 
 def euler(tables, model_output, model_var, clip_x0):
@@ -36,7 +37,7 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
   noise level above its own T - 1, and x_T is fresh noise already.
   """
   def make(grid):
-    lv = _loop.levels(tables, grid)
+    lv = loop.levels(tables, grid)
     n = grid.size
     sig_hat, t_hat = lv.sigma, np.asarray(grid, np.float64)
     if churn is not None:
@@ -65,14 +66,14 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
     t1, cx, cz = f(lv.t_next), f(churn_x), f(churn_z)
 
     def step(i, x, aux, model_out, key, model_fn):
-      x0, eps = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
+      x0, eps = loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
       # Euler in VP form: alpha' (D + sigma' eps) = alpha' D + s' eps.
       x_euler = a1[i] * x0 + s1[i] * eps
 
       def correct(_):
         x_pred = x_euler
         out = model_fn(x_pred, jnp.full(x.shape[:1], t1[i], jnp.float32)).astype(x.dtype)
-        _, eps1 = _loop.predict(out, x_pred, a1[i], s1[i], model_output, model_var, clip_x0)
+        _, eps1 = loop.predict(out, x_pred, a1[i], s1[i], model_output, model_var, clip_x0)
         return x_euler + half_a1_dsig[i] * (eps1 - eps)
 
       if not second_order:  # Static: Euler traces the model once.
@@ -82,7 +83,7 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
         x_next = cx[i] * x_next + cz[i] * jax.random.normal(key, x.shape, x.dtype)
       return x_next, aux, x0
 
-    return _loop.Stepper(t_hat, lambda x: (), step)
+    return loop.Stepper(t_hat, lambda x: (), step)
   return make
 
 
@@ -95,7 +96,7 @@ def euler_ancestral(tables, model_output, model_var, clip_x0):
   This is DDPM's posterior step written in sigma; at sigma = inf, sigma_up = sigma'.
   """
   def make(grid):
-    lv = _loop.levels(tables, grid)
+    lv = loop.levels(tables, grid)
     with np.errstate(invalid="ignore", divide="ignore"):
       ratio = np.where(np.isinf(lv.sigma), 0.0, lv.sigma_next / lv.sigma)
     up2 = lv.sigma_next**2 * (1.0 - ratio**2)
@@ -105,9 +106,9 @@ def euler_ancestral(tables, model_output, model_var, clip_x0):
     a1_down = f(lv.alpha_next * np.sqrt(np.maximum(lv.sigma_next**2 - up2, 0.0)))
 
     def step(i, x, aux, model_out, key, model_fn):
-      x0, eps = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
+      x0, eps = loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
       z = jax.random.normal(key, x.shape, x.dtype)
       return a1[i] * x0 + a1_down[i] * eps + a1_up[i] * z, aux, x0
 
-    return _loop.Stepper(grid, lambda x: (), step)
+    return loop.Stepper(grid, lambda x: (), step)
   return make

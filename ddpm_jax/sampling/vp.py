@@ -4,8 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion, schedules
-from ddpm_jax.sampling import _loop
+from ddpm_jax.core import diffusion
+from ddpm_jax.core import schedules
+from ddpm_jax.sampling import loop as _loop
 
 
 def respaced_tables(tables, grid: np.ndarray):
@@ -45,7 +46,7 @@ def ancestral(tables, model_output, model_var, clip_x0):
       scale = jnp.where(i < n - 1, jnp.exp(0.5 * out.log_var), 0.0)
       return out.mean + scale * noise, aux, out.pred_x0
 
-    return _loop.Stepper(grid, lambda x: (), step)
+    return loop.Stepper(grid, lambda x: (), step)
   return make
 
 
@@ -59,7 +60,7 @@ def ddim(tables, model_output, model_var, clip_x0, eta: float):
   sec. 3): x'/alpha' = x/alpha + (sigma' - sigma) eps_hat.
   """
   def make(grid):
-    lv = _loop.levels(tables, grid)
+    lv = loop.levels(tables, grid)
     with np.errstate(divide="ignore", invalid="ignore"):
       sig = eta * lv.s_next / lv.s * np.sqrt(np.maximum(1.0 - (lv.alpha / lv.alpha_next)**2, 0))
     dir_c = jnp.asarray(np.sqrt(np.maximum(lv.s_next**2 - sig**2, 0.0)), jnp.float32)
@@ -68,11 +69,11 @@ def ddim(tables, model_output, model_var, clip_x0, eta: float):
     a, s = jnp.asarray(lv.alpha, jnp.float32), jnp.asarray(lv.s, jnp.float32)
 
     def step(i, x, aux, model_out, key, model_fn):
-      x0, eps = _loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
+      x0, eps = loop.predict(model_out, x, a[i], s[i], model_output, model_var, clip_x0)
       x_next = x0_c[i] * x0 + dir_c[i] * eps
       if eta > 0:
         x_next = x_next + sig[i] * jax.random.normal(key, x.shape, x.dtype)
       return x_next, aux, x0
 
-    return _loop.Stepper(grid, lambda x: (), step)
+    return loop.Stepper(grid, lambda x: (), step)
   return make

@@ -9,7 +9,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
 import optax
 
-from ddpm_jax import losses
+from ddpm_jax.core import losses
 
 
 class TrainState(flax.struct.PyTreeNode):

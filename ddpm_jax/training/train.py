@@ -5,6 +5,7 @@ that restores (moving broken ones aside), saves on SIGTERM, and never saves a no
 """
 
 import contextlib
+import threading
 import time
 
 from absl import logging
@@ -13,18 +14,19 @@ import jax
 import ml_collections
 
 from configs import base as base_config
-from ddpm_jax import checkpointing
-from ddpm_jax import config_lib
-from ddpm_jax import fid_eval
-from ddpm_jax import generation
-from ddpm_jax import images
-from ddpm_jax import input_pipeline
-from ddpm_jax import logging_lib
-from ddpm_jax import models
-from ddpm_jax import quality
-from ddpm_jax import run_config
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import factories
+from ddpm_jax.config import validation
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import classifier_guidance
+from ddpm_jax.evaluation import generation
+from ddpm_jax.evaluation import images
+from ddpm_jax.evaluation import quality
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import logging_lib
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import train_step as train_step_lib
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,7 +43,7 @@ def _log_startup(config, mesh, state) -> None:
                batch // n_proc, batch // n_dev, dict(mesh.shape))
   logging.info("Model: %s parameters.",
                f"{train_state_lib.param_count(state.params):,}")
-  diff = config_lib.config_diff(config, base_config.get_config())
+  diff = run_config.config_diff(config, base_config.get_config())
   logging.info("Config differs from configs/base.py in %d keys:%s", len(diff),
                "".join(f"\n  {k}: {old!r} -> {new!r}" for k, (old, new) in diff.items()))
 
@@ -82,7 +84,8 @@ def _restored_is_finite(state) -> None:
     raise FloatingPointError("non-finite params or EMA")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       sigterm: threading.Event | None = None) -> dict:
   """Trains to `config.training.num_train_steps`; returns the final metrics (and eval report).
 
   The report's "preempted" is True when a SIGTERM stopped the run (after saving any new work);
@@ -94,11 +97,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     workdir: checkpoints, TensorBoard events, metrics/ (one file per run segment) and sample grids go here. An existing
       workdir is resumed from its newest checkpoint that restores (see `checkpointing`), after
       its config is checked against this one (see `run_config`).
+    sigterm: the flag of a SIGTERM handler installed at start-up (main.py's), so that a SIGTERM
+      before the loop counts as a preemption; without it the loop installs its own handler.
   """
-  config_lib.validate_config(config)  # every bad choice fails here, before any compile
+  parts = validation.validate(config, mode="train")  # every bad choice fails here, before compile
   _check_workdir(workdir)
-  if "fid" in config.training.final_eval_metrics:
-    fid_eval.check_inception_weights(config)  # now, not after hours of training
   tc = config.training
   manager = checkpointing.create_manager(workdir, keep=tc.keep_checkpoints,
                                          every=tc.checkpoint_every)
@@ -112,9 +115,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       tc.num_train_steps)
       manager.close()
       return {"step": latest, "preempted": False, "already_done": True}
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  mesh = mesh_lib.make_mesh()
+  model, tables = parts.model, parts.tables
   state = train_state_lib.create_train_state(config, model, mesh)
   _log_startup(config, mesh, state)
 
@@ -130,21 +132,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   step = int(jax.device_get(state.step))
   start_step = step
 
-  train_step = config_lib.train_step_from_config(config, model, tables, mesh)
-  grid_sampler = generation.make_sample_fn(
-      config, model, tables, mesh, sampler="ddim",
-      num_steps=min(tc.grid_sampler_steps, config.diffusion.num_timesteps))
+  train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
+  # A noise-conditional classifier (training.objective) has no samples to show or score.
+  generative = config.training.objective == "diffusion"
+  if generative:
+    classifier = classifier_guidance.load(parts.classifier, mesh, config.sampling.use_ema)
+    grid_steps = min(tc.grid_sampler_steps, config.diffusion.num_timesteps)
+    grid_sampler = generation.make_sample_fn(
+        config, model, tables, mesh,
+        factories.sampler_from_config(config, tables, sampler="ddim", num_steps=grid_steps),
+        classifier=classifier, sampler_name="ddim")
   writer = logging_lib.MetricWriter(workdir, first_step=step)
   progress = logging_lib.Progress(step, tc.num_train_steps)
   local_devices = jax.local_device_count()
-  conditional = config.model.get("num_classes", 0) > 0  # or the classifier's targets
-  # A noise-conditional classifier (training.objective) has no samples to show or score.
-  generative = config_lib.objective(config) == "diffusion"
+  conditional = config.model.num_classes > 0  # or the classifier's targets
   metrics, last, preempted = None, {}, False
   t_log = time.perf_counter()
   step_at_log = step
 
-  with checkpointing.PreemptionGuard() as guard, _finish_saves(manager):
+  with checkpointing.PreemptionGuard(sigterm) as guard, _finish_saves(manager):
     # A SIGTERM during start-up (imports, restore, compile) was recorded by the guard; with one
     # process there is nothing to agree on, so stop before the first step. Several processes
     # agree through the first steps' collectives instead.
@@ -154,7 +160,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
       batch = {"image": batch["image"], "preempt": guard.local_flags(local_devices),
                **({"label": batch["label"]} if conditional else {})}
       prev_metrics = metrics
-      state, metrics = train_step(state, train_step_lib.global_batch(mesh, batch))
+      state, metrics = train_step(state, mesh_lib.global_batch(mesh, batch))
       step += 1
       # Only the previous step's two flags are read while this one runs, keeping the device busy;
       # every host reads the same collective-reduced values, so all agree on when to stop.
@@ -192,8 +198,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   manager.close()
   report = {"step": step, "preempted": preempted, **last}
   if generative and tc.final_eval_metrics and step == tc.num_train_steps and not preempted:
-    report["eval"] = quality.quality_report(config, workdir, state.ema_params, mesh, model,
-                                             tables, step, metrics=tc.final_eval_metrics)
+    report["eval"] = quality.quality_report(
+        config, workdir, state.ema_params, mesh, model, tables, step,
+        sample_fn=generation.make_sample_fn(config, model, tables, mesh, parts.sample_fn,
+                                            classifier=classifier),
+        metrics=tc.final_eval_metrics)
   writer.close()
   return report
 

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
-from ddpm_jax import diffusion
-from ddpm_jax.schedules import DiffusionTables
+from ddpm_jax.core import diffusion
+from ddpm_jax.core.schedules import DiffusionTables
 
 LOSSES = ("mse", "kl", "hybrid")
 WEIGHTINGS = ("none", "p2", "min_snr")

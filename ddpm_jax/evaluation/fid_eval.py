@@ -18,32 +18,17 @@ from absl import logging
 from etils import epath
 import jax
 from jax.experimental import multihost_utils
-import ml_collections
 import numpy as np
 from scipy import special
 
-from ddpm_jax import images
-from ddpm_jax import input_pipeline
+from ddpm_jax.evaluation import images
+from ddpm_jax.data import input_pipeline
 from ddpm_jax.metrics import fid
 from ddpm_jax.metrics import inception
 
 _FEATURE_BATCH = 200  # images per Inception call on one process (rounded to its local devices)
 _REDUCE_ROWS = 256  # rows of a [D, D] sum gathered at a time: bounds host memory to P x 4 MB
 _IS_SPLITS = 10
-
-
-def check_inception_weights(config: ml_collections.ConfigDict) -> str:
-  """The weights path, or a FileNotFoundError that says how to make the file."""
-  path = config.eval.inception_weights
-  if not path or not epath.Path(path).exists():
-    raise FileNotFoundError(
-        f"FID needs the Inception weights file (--config.eval.inception_weights={path!r} not "
-        "found). Make it once on a machine with internet: download pytorch-fid's "
-        "pt_inception-2015-12-05-6726825d.pth, run `python tools/convert_inception_weights.py "
-        "--pth pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz`, then pass "
-        "--config.eval.inception_weights=inception_fid.npz. Or drop 'fid' from "
-        "--config.eval.metrics.")
-  return path
 
 
 def sum_over_processes(x: np.ndarray) -> np.ndarray:
@@ -72,7 +57,7 @@ def stats_cache_key(config) -> str:
   spec = input_pipeline.DATASETS.get(d.dataset)
   crop = "none" if spec is None or spec.crop is None else spec.crop
   digest = hashlib.sha256()
-  with epath.Path(check_inception_weights(config)).open("rb") as f:
+  with epath.Path(config.eval.inception_weights).open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   split = config.eval.fid_split.replace("/", "-").replace(":", "-").replace("%", "pc")
@@ -143,7 +128,7 @@ def fid_and_is(config, workdir: str, samples_uint8: np.ndarray) -> dict:
   `samples_uint8` holds every sample (as `generation.draw_samples` returns them); this process
   embeds only rows `local_share(N)`.
   """
-  variables = inception.load_inception_params(check_inception_weights(config))
+  variables = inception.load_inception_params(config.eval.inception_weights)
   embed = _local_embedder(inception.make_inception_fn(variables))
   ref = reference_stats(config, workdir, embed)
   total = len(samples_uint8)

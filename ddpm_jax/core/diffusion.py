@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
-from ddpm_jax.schedules import DiffusionTables
+from ddpm_jax.core.schedules import DiffusionTables
 
 MODEL_OUTPUTS = ("eps", "x0", "v")
 MODEL_VARS = ("fixed_small", "fixed_large", "learned", "learned_range")
@@ -24,7 +24,7 @@ def gather(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
 
 
 def check_choice(name: str, value: str, valid) -> None:
-  """The one choice checker: fails naming the valid choices (used by every factory and config_lib)."""
+  """The one choice checker: fails naming the valid choices (used by every factory and by `config.validation`)."""
   if value not in valid:
     raise ValueError(f"Unknown {name} {value!r}; valid choices: {list(valid)}.")
 

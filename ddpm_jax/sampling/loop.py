@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion
 from ddpm_jax.sampling import grids
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]

@@ -1,7 +1,7 @@
-"""The quality report shared by both drivers: bits/dim, FID/IS and the offline digits score.
+"""The quality report: bits/dim, FID/IS and the offline digits score.
 
-`train.py` runs it once training ends (`training.final_eval_metrics`) and `evaluate.py` runs it for
-`--mode=eval`; it sits below both and imports neither.
+The train loop runs it once training ends (`training.final_eval_metrics`) and `drivers.evaluate`
+for `--mode=eval`; it imports neither.
 """
 
 import json
@@ -13,16 +13,18 @@ from etils import epath
 import jax
 import numpy as np
 
-from ddpm_jax import generation
-from ddpm_jax import input_pipeline
-from ddpm_jax import losses
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import factories
+from ddpm_jax.evaluation import fid_eval
+from ddpm_jax.evaluation import generation
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.core import losses
+from ddpm_jax.runtime import mesh as mesh_lib
 
 
 def bits_per_dim(config, model, tables, mesh, params) -> dict:
   """The full VLB (all T terms) on the eval split, with its components, in bits/dim."""
   d = config.diffusion
-  sharding = train_step_lib.batch_sharding(mesh)
+  sharding = mesh_lib.batch_sharding(mesh)
 
   @jax.jit
   def batch_vlb(params, x0, rng):
@@ -34,7 +36,7 @@ def bits_per_dim(config, model, tables, mesh, params) -> dict:
   totals, count = {}, 0
   limit = config.eval.bpd_num_examples or float("inf")
   rng = jax.random.PRNGKey(config.training.seed + 1)
-  to_host = generation.to_host
+  to_host = mesh_lib.to_host
   for i, batch in enumerate(input_pipeline.create_eval_iterator(config)):
     x0 = jax.make_array_from_process_local_data(sharding, batch["image"])
     mask = to_host(jax.make_array_from_process_local_data(sharding, batch["mask"]))
@@ -48,13 +50,16 @@ def bits_per_dim(config, model, tables, mesh, params) -> dict:
   return {f"bpd_{k}": v / count for k, v in totals.items()} | {"bpd_num_examples": count}
 
 
-def quality_report(config, workdir, params, mesh, model, tables, step, metrics=None) -> dict:
-  """Each of `metrics` (default `config.eval.metrics`); logged and written to eval/step_<N>.json."""
+def quality_report(config, workdir, params, mesh, model, tables, step, *, sample_fn,
+                   metrics=None) -> dict:
+  """Each of `metrics` (default `config.eval.metrics`); logged and written to eval/step_<N>.json.
+
+  `sample_fn` is the sampling service of the configured sampler (`generation.make_sample_fn`).
+  """
   metrics = tuple(config.eval.metrics if metrics is None else metrics)
   report = {"step": step}
   needs_samples = {"fid", "digits_score"} & set(metrics)
   if needs_samples:
-    sample_fn = generation.make_sample_fn(config, model, tables, mesh)
     s = config.sampling
     for n in {min(s.batch_size, s.num_samples), s.num_samples % s.batch_size or s.batch_size}:
       sample_fn.compile(params, jax.random.PRNGKey(0), n)  # every batch shape, outside the timing
@@ -62,8 +67,8 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
     samples, _ = generation.draw_samples(config, sample_fn, params, config.sampling.num_samples)
     report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)
     report["num_samples"] = len(samples)
-    report["sampler"] = generation.sampler_label(config)
-    report["sampler_nfe"] = generation.sampler_nfe(config)
+    report["sampler"] = factories.sampler_label(config)
+    report["sampler_nfe"] = factories.sampler_nfe(config)
   if "digits_score" in metrics:
     from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
     score = digits_classifier.digits_score(samples, cache_dir=cache_dir())
@@ -77,7 +82,6 @@ def quality_report(config, workdir, params, mesh, model, tables, step, metrics=N
         score["fd_num_images"], score["mean_confidence"], score["mean_confidence_real"],
         score["inception_score"])
   if "fid" in metrics:
-    from ddpm_jax import fid_eval  # pylint: disable=g-import-not-at-top
     report.update(fid_eval.fid_and_is(config, workdir, samples))
   if "bpd" in metrics:
     report.update(bits_per_dim(config, model, tables, mesh, params))

@@ -19,33 +19,12 @@ from collections.abc import Callable
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 import optax
 
-from ddpm_jax import losses
-from ddpm_jax.train_state import TrainState
-
-AXIS = "data"
-
-
-def make_mesh(devices=None) -> Mesh:
-  """A 1-D mesh over every device of every host (or the given ones)."""
-  devices = jax.devices() if devices is None else list(devices)
-  # Auto axes: the step places data itself through shard_map, and the samplers leave the
-  # partitioning of their loops to XLA, which Explicit axes would not allow.
-  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
-                       devices=devices)
-
-
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(AXIS))
-
-
-def global_batch(mesh: Mesh, local_batch: dict) -> dict:
-  """Assembles each process's slice of the batch into one global array sharded over `data`."""
-  sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
-
+from ddpm_jax.core import losses
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.runtime.mesh import AXIS
 
 def all_finite(*trees) -> jnp.ndarray:
   """One bool: every leaf of every tree is finite (no NaN, no +-inf)."""
@@ -84,7 +63,7 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
   `skip_nonfinite`, `metrics["skipped"]` counts the steps whose update was dropped.
   """
 
-  def per_device_step(state: TrainState, batch: dict):
+  def per_device_step(state: train_state_lib.TrainState, batch: dict):
     x0 = batch["image"]
     local_batch = x0.shape[0]
     example_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
@@ -155,3 +134,16 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
   sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
                           out_specs=(P(), P()))
   return jax.jit(sharded, donate_argnums=0)
+
+
+def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
+  """The jitted data-parallel train step of a validated config (see `make_train_step`)."""
+  classifier = config.training.objective == "classifier"
+  return make_train_step(
+      apply_fn=model.apply, loss_fn=loss_fn, num_timesteps=config.diffusion.num_timesteps,
+      t_sampling=config.diffusion.t_sampling, ema_decay=config.training.ema_decay,
+      learning_rate=train_state_lib.learning_rate_schedule(config.optim), mesh=mesh,
+      skip_nonfinite=config.training.skip_nonfinite_updates,
+      # The classifier's labels are its targets, not a model input.
+      num_classes=0 if classifier else config.model.num_classes,
+      p_uncond=config.training.p_uncond, labels_to_loss=classifier)

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
-from ddpm_jax import folder_source
-from ddpm_jax import global_order
+from ddpm_jax.data import folder_source
+from ddpm_jax.data import global_order
 
 _PREPARE_HINT = (
     "On a machine with internet, run `pip install -e '.[prepare]'` and then "
@@ -127,7 +127,7 @@ class _ArraySource:
     return {"image": self._images[index], "label": self._labels[index]}
 
 
-def _open_source(data: ml_collections.ConfigDict, split: str) -> Any:
+def open_source(data: ml_collections.ConfigDict, split: str) -> Any:
   """Opens one split of data.dataset as a random-access sequence of raw records, never
   downloading: tfds ArrayRecord, the in-memory digits, or a folder of images."""
   name, data_dir = data.dataset, data.data_dir
@@ -137,7 +137,7 @@ def _open_source(data: ml_collections.ConfigDict, split: str) -> Any:
     raise ValueError(f"Dataset {name!r} has no split {split!r}; valid splits: {spec.splits}.")
   if name == "folder":  # one split: every image in the folder
     return folder_source.open_folder(data_dir, data.image_size, data.num_channels,
-                                     data.get("skip_corrupt", False))
+                                     data.skip_corrupt)
   if spec.tfds_name is None:
     return _ArraySource(name, split, *load_digits_arrays(split))
   # Imported here so digits runs (and this module imports) without touching tfds.
@@ -161,13 +161,13 @@ def _open_source(data: ml_collections.ConfigDict, split: str) -> Any:
 
 def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   """Returns the number of examples in `split` of config.data.dataset (all processes)."""
-  return len(_open_source(config.data, split))
+  return len(open_source(config.data, split))
 
 
 def save_class_names(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes workdir/class_names.json (label -> class folder) when a folder source has classes."""
   if config.data.dataset == "folder":
-    folder_source.write_class_names(_open_source(config.data, config.data.train_split), workdir)
+    folder_source.write_class_names(open_source(config.data, config.data.train_split), workdir)
 
 
 def _local_batch(global_batch: int, shard_count: int) -> int:
@@ -177,36 +177,16 @@ def _local_batch(global_batch: int, shard_count: int) -> int:
   return global_batch // shard_count
 
 
-def validate_data_config(config: ml_collections.ConfigDict) -> None:
-  """Fails fast, before anything compiles, on a data config that cannot run here.
-
-  Checks the dataset name, channel count, split names, that every global batch splits evenly
-  over all devices, and that each split can be opened from config.data.data_dir (no network).
+def check_splits(config: ml_collections.ConfigDict, splits) -> None:
+  """Opens each of `splits` of config.data.dataset from data.data_dir (no network), and checks
+  that the configured label feature exists in it (`config.validation` calls this once a run).
 
   Raises:
-    ValueError: a bad name, split, channel count or batch size.
+    ValueError: an unknown split, or a label_key the records do not have.
     DatasetNotFoundError: the tfds dataset is not prepared in config.data.data_dir.
   """
-  data = config.data
-  spec = _spec(data.dataset)
-  if data.num_channels != spec.num_channels and data.dataset != "folder":
-    raise ValueError(f"Dataset {data.dataset!r} has {spec.num_channels} channels but "
-                     f"config.data.num_channels={data.num_channels}.")
-  num_devices = jax.process_count() * jax.local_device_count()
-  for key, batch in (("training.batch_size", config.training.batch_size),
-                     ("eval.batch_size", config.eval.batch_size)):
-    if batch <= 0 or batch % num_devices:
-      fix = max(num_devices, round(batch / num_devices) * num_devices)
-      raise ValueError(
-          f"Global batch size {key}={batch} is not divisible by the {num_devices} devices "
-          f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
-          f"each device needs an equal share. Set --config.{key}={fix} (any multiple of "
-          f"{num_devices}).")
-  splits = [data.train_split, data.eval_split]
-  if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
-    splits.append(config.eval.fid_split)
   for split in dict.fromkeys(splits):
-    label_key(config, _open_source(data, split))
+    label_key(config, open_source(config.data, split))
 
 
 def _crop_and_resize(image: np.ndarray, crop: int | None, size: int) -> np.ndarray:
@@ -237,7 +217,7 @@ def label_key(config: ml_collections.ConfigDict, source: Any = None) -> str | No
   Raises:
     ValueError: config.data.label_key names a feature the records do not have.
   """
-  key = config.data.get("label_key", "label")
+  key = config.data.label_key
   if not key:
     return None
   if config.data.dataset in DATASETS and _spec(config.data.dataset).label_key is None:
@@ -327,7 +307,7 @@ def create_train_iterator(
   shard_options = _shard_options(shard_options, drop_remainder=True)
   global_batch = config.training.batch_size
   local_batch = _local_batch(global_batch, shard_options.shard_count)
-  source = _open_source(data, data.train_split)
+  source = open_source(data, data.train_split)
   if len(source) < global_batch:
     logging.warning("The split has %d examples, fewer than one global batch of %d; batches "
                     "repeat examples across epochs.", len(source), global_batch)
@@ -420,7 +400,7 @@ def create_eval_iterator(
   shard_options = _shard_options(shard_options, drop_remainder=False)
   count, index = shard_options.shard_count, shard_options.shard_index
   local_batch = _local_batch(batch_size or config.eval.batch_size, count)
-  source = _open_source(data, split)
+  source = open_source(data, split)
   total = len(source)
   # grain's DataLoader would silently drop an uneven shard's last example, so split here.
   start, end = index * total // count, (index + 1) * total // count

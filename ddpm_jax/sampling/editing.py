@@ -1,7 +1,7 @@
 """Image editing with an unconditional or class-conditional diffusion model: inpainting and SDEdit.
 
 Pure functions of arrays and callables (`model_fn(x_t, t) -> raw output`, samplers from
-`ddpm_jax.sampling.get_sampler`); the `--mode=edit` driver is `edit_mode.py`.
+`ddpm_jax.sampling.get_sampler`); the `--mode=edit` driver is `evaluation/drivers.py`.
 
 Masks are *keep* masks: 1 where the pixel is known (kept from the input), 0 where it is generated.
 A named shape names the kept region, e.g. `left_half` keeps the left half and fills the right.
@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion
 from ddpm_jax.sampling import guidance
 
 

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation_lib
 
-from ddpm_jax.train_state import TrainState
+from ddpm_jax.runtime.train_state import TrainState
 
 # Exit status of a run stopped by SIGTERM after saving: EX_TEMPFAIL from <sysexits.h>, "try
 # again later". A job wrapper restarts on 75 and stops on 0 (finished) or anything else (failed).
@@ -208,21 +208,29 @@ def _shape_mismatches(stored, expected) -> list[str]:
   return out
 
 
-def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = ""):
-  """Params (EMA by default) of the newest checkpoint, for sampling and evaluation.
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step in `workdir`, None if it has none (reads, never creates)."""
+  manager = create_manager(workdir, keep=None, read_only=True)
+  step = manager.latest_step()
+  manager.close()
+  return step
+
+
+def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = "",
+                   step: int | None = None):
+  """Params (EMA by default) of checkpoint `step` (default: the newest), for sampling and
+  evaluation; returns (params, step).
 
   Only the params are read, against `abstract_params` (`jax.eval_shape` of the model's init,
   with shardings): the optimiser state and importance history are never built, so any config
   change that leaves the params' shapes alone works. A shape change fails naming the leaves
   and `hint` (the config fields that differ from the run's config.json).
   """
-  manager = create_manager(workdir, keep=None, read_only=True)
-  step = manager.latest_step()
+  step = latest_step(workdir) if step is None else step
   if step is None:
     raise FileNotFoundError(
         f"No checkpoint in {checkpoint_dir(workdir)}; train first with --mode=train "
         f"--workdir={workdir}.")
-  manager.close()
   name = "ema_params" if use_ema else "params"
   path = checkpoint_dir(workdir) / str(step) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
@@ -252,19 +260,13 @@ class PreemptionGuard:
   since one would replace JAX's. A single process has no preemption service: the guard turns
   SIGTERM into a local flag instead, restoring the previous handler on exit.
 
-  `adopt(event)` (main.py passes the flag its own SIGTERM handler has set since start-up) makes
-  a SIGTERM during imports, restore or compile count too; `local_flags` carries it into the train
-  step, whose collectives make every process agree on it.
+  `event` is the flag of a SIGTERM handler installed before the guard (main.py installs one at
+  start-up), so a SIGTERM during imports, restore or compile counts too; `local_flags` carries it
+  into the train step, whose collectives make every process agree on it.
   """
 
-  _adopted: threading.Event | None = None
-
-  @classmethod
-  def adopt(cls, event: threading.Event) -> None:
-    cls._adopted = event
-
-  def __init__(self):
-    self._event = PreemptionGuard._adopted or threading.Event()
+  def __init__(self, event: threading.Event | None = None):
+    self._event = event or threading.Event()
     self._previous = None
     self.synced = jax.process_count() > 1 and jax.distributed.is_initialized()
 

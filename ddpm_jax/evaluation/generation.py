@@ -1,51 +1,54 @@
 """The sampling service shared by both drivers: compiled, sharded samplers and batched drawing.
 
-`train.py` (periodic grids, final report) and `evaluate.py` (`--mode=sample|eval`) both sit above
-this module; it imports neither. Samplers run under `jax.jit` with the batch sharded over every
+Every driver draws through it: the train loop (periodic grids, final report), `drivers`
+(`--mode=sample|eval|edit`) and the sweeps; it imports none of them. Samplers run under `jax.jit` with the batch sharded over every
 device (the model input is constrained to the mesh's `data` axis, and XLA partitions the whole
 loop); the noise is drawn at the global shape, so a seed gives the same samples on 1 or N devices.
 """
 
 import jax
-from jax.experimental import multihost_utils
 import numpy as np
 
-from ddpm_jax import classifier_guidance
-from ddpm_jax import conditioning
-from ddpm_jax import config_lib
-from ddpm_jax import diffusion
-from ddpm_jax import images
-from ddpm_jax import sampling
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import conditioning
+from ddpm_jax.evaluation import classifier_guidance
+from ddpm_jax.evaluation import images
+from ddpm_jax.runtime import mesh as mesh_lib
 
 
-def to_host(x) -> np.ndarray:
-  """A (possibly sharded, multi-process) array gathered whole onto every host."""
-  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, sampler_name=None,
+                   label: int | None = None):
+  """Returns `fn(params, rng, n) -> (float samples [n, H, W, C], trajectory)` on the host.
 
+  Args:
+    config: reads data (the image shape), the conditioning and guidance fields of `sampling`.
+    model: the Flax module whose `apply` is the denoiser.
+    tables: the schedule's tables (classifier guidance needs them).
+    mesh: the 1-D device mesh; every sample batch is sharded over its `data` axis.
+    sample: a sampler from `factories.sampler_from_config`.
+    classifier: (module, params) of classifier guidance (`classifier_guidance.load`), or None.
+    sampler_name: the name `sample` was built from, when not `sampling.sampler` (classifier
+      guidance shifts the mean for 'ancestral', eps otherwise).
+    label: the class of every sample of a conditional model, or -1 for one of each in turn;
+      default sampling.class_label.
 
-def make_sample_fn(config, model, tables, mesh, *, sampler=None, num_steps=None,
-                   trajectory_every=0):
-  """Returns `fn(params, rng, n) -> (uint8-ready float samples [n, H, W, C], trajectory)` on host."""
-  sample = config_lib.sampler_from_config(config, tables, sampler=sampler, num_steps=num_steps,
-                                          trajectory_every=trajectory_every)
-  sharding = train_step_lib.batch_sharding(mesh)
+  `sample(model_fn, rng, shape) -> (x0, trajectory)` may be any function of that form, e.g. an
+  editing method closed over its inputs (`drivers.edit`).
+  """
+  sharding = mesh_lib.batch_sharding(mesh)
   d = config.data
   compiled = {}
-  # sampling.classifier_workdir: (module, params) of a noisy classifier, or None.
-  classifier = classifier_guidance.load(config, mesh)
   classifier_params = None if classifier is None else classifier[1]
+  sampler_name = sampler_name or config.sampling.sampler
 
   def run(params, rng, shape, classifier_params):
     def cond_fn(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
       return model.apply({"params": params}, x, t, y, train=False)
     # sampling.class_label / guidance_scale of a class-conditional model (see `conditioning`).
-    model_fn = conditioning.guided_model_fn(config, cond_fn, shape[0])
+    model_fn = conditioning.guided_model_fn(config, cond_fn, shape[0], label)
     if classifier is not None:
       model_fn = classifier_guidance.wrap(config, model_fn, tables, classifier[0],
-                                          classifier_params, shape[0],
-                                          sampler or config.sampling.sampler)
+                                          classifier_params, shape[0], sampler_name)
     return sample(model_fn, rng, shape)
 
   def executable(params, rng, n):
@@ -59,8 +62,8 @@ def make_sample_fn(config, model, tables, mesh, *, sampler=None, num_steps=None,
 
   def fn(params, rng, n):
     x0, traj = executable(params, rng, n)(params, rng, classifier_params)
-    traj = None if traj is None else {k: to_host(v) for k, v in traj.items()}
-    return to_host(x0)[:n], traj
+    traj = None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
+    return mesh_lib.to_host(x0)[:n], traj
 
   fn.compile = executable  # compiles without sampling, e.g. to time sampling alone
   return fn
@@ -81,21 +84,3 @@ def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=Non
     out.append(images.to_uint8(x0))
     traj = t if i == 0 else traj
   return np.concatenate(out), traj
-
-
-def sampler_steps(config) -> int:
-  """Grid points of the configured sampler: ancestral takes all T unless it learns its variance."""
-  s, d = config.sampling, config.diffusion
-  if s.sampler == "ancestral" and d.model_var not in diffusion.LEARNED_VARS:
-    return d.num_timesteps
-  return s.num_steps
-
-
-def sampler_nfe(config) -> int:
-  """Model evaluations per sample of the configured sampler (Heun: 2N - 1)."""
-  return sampling.nfe(config.sampling.sampler, sampler_steps(config))
-
-
-def sampler_label(config) -> str:
-  """e.g. 'ddim_50', or 'ancestral_1000': the sampler and its grid points (not its NFE)."""
-  return f"{config.sampling.sampler}_{sampler_steps(config)}"

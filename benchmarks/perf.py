@@ -17,10 +17,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax import config_lib
+from ddpm_jax.config import config_lib
 from ddpm_jax import models
-from ddpm_jax import train_state
-from ddpm_jax import train_step
+from ddpm_jax.runtime import train_state
+from ddpm_jax.training import train_step
+from ddpm_jax.runtime import mesh as mesh_lib
 
 # Thread-pool bookkeeping events that enclose XLA:CPU's ops rather than being ops.
 _NOT_OPS = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "$")
@@ -64,7 +65,7 @@ class TrainSetup(NamedTuple):
 
 def train_setup(config, global_batch: int) -> TrainSetup:
   """The config's model, initial state, jitted step and a fixed random batch, on every device."""
-  mesh = train_step.make_mesh()
+  mesh = mesh_lib.make_mesh()
   model = models.create_model(config)
   tables = config_lib.tables_from_config(config)
   state = train_state.create_train_state(config, model, mesh)
@@ -73,7 +74,7 @@ def train_setup(config, global_batch: int) -> TrainSetup:
   images = np.random.default_rng(0).uniform(
       -1, 1, (global_batch // jax.process_count(), d.image_size, d.image_size, d.num_channels)
   ).astype(np.float32)
-  batch = train_step.global_batch(
+  batch = mesh_lib.global_batch(
       mesh, {"image": images, "preempt": np.zeros((jax.local_device_count(),), np.bool_)})
   return TrainSetup(mesh, model, tables, state, step_fn, images, batch)
 

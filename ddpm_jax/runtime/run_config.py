@@ -11,6 +11,7 @@ On resume the new config is compared with the config of the segment that wrote t
   * any other change (lr, batch, steps, intervals, ...) is logged as a diff.
 """
 
+from collections.abc import Mapping
 import json
 import re
 
@@ -18,7 +19,6 @@ from absl import logging
 from etils import epath
 import ml_collections
 
-from ddpm_jax import config_lib
 
 # Fields that change the params' shapes (model.dropout and model.dtype do not).
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
@@ -35,9 +35,44 @@ _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion"}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
-def _flat(config) -> dict:
-  d = config if isinstance(config, dict) else json.loads(config_lib.config_to_json(config))
-  return config_lib._flatten(d)  # pylint: disable=protected-access
+def flatten(tree: Mapping, prefix: str = "") -> dict:
+  """{'a.b': leaf} for a nested mapping (a config's `to_dict()`, or its JSON record)."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, Mapping):
+      out.update(flatten(value, f"{prefix}{key}."))
+    else:
+      out[f"{prefix}{key}"] = value
+  return out
+
+
+def config_to_json(config: ml_collections.ConfigDict) -> str:
+  return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def config_diff(config: ml_collections.ConfigDict, base: ml_collections.ConfigDict) -> dict:
+  """{key: (base value, value)} for every leaf where `config` differs from `base`."""
+  new, old = flatten(config.to_dict()), flatten(base.to_dict())
+  return {k: (old.get(k), v) for k, v in sorted(new.items()) if old.get(k) != v}
+
+
+def flat(config) -> dict:
+  """A config (or its JSON record) as the flat dict its record holds."""
+  return flatten(config if isinstance(config, dict) else json.loads(config_to_json(config)))
+
+
+def load(workdir: str) -> ml_collections.ConfigDict | None:
+  """The config a run was started with (its config.json), None if it has none; fields added
+  since it was written get the value those runs had (`_ADDED_FIELDS`)."""
+  path = epath.Path(workdir) / "config.json"
+  if not path.exists():
+    return None
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  for key, value in _ADDED_FIELDS.items():
+    section, name = key.split(".")
+    if name not in config[section]:
+      config[section][name] = value
+  return config
 
 
 def segment_config(workdir: str, step: int) -> dict | None:
@@ -53,7 +88,7 @@ def segment_config(workdir: str, step: int) -> dict | None:
   if best is None:
     return None
   # Runs recorded before a field existed ran with its neutral value.
-  return {**_ADDED_FIELDS, **_flat(json.loads(best.read_text()))}
+  return {**_ADDED_FIELDS, **flat(json.loads(best.read_text()))}
 
 
 def differences(old: dict, new: dict) -> dict:
@@ -82,7 +117,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int) -> 
     logging.warning("No config.json in %s: cannot check the resume config against the run's.",
                     workdir)
     return {}
-  diff = differences(old, _flat(config))
+  diff = differences(old, flat(config))
   arch = architecture_fields(diff)
   structure = {k: v for k, v in diff.items() if k in _STRUCTURE}
   old_clip, new_clip = diff.get("optim.grad_clip", (None, None))
@@ -94,7 +129,7 @@ def check_resume(config: ml_collections.ConfigDict, workdir: str, step: int) -> 
         f"change the shape of its params or of its optimiser state:{_format({**arch, **structure})}"
         f"\nResume with the run's values (see {workdir}/config.json), or start a new workdir.")
   process = {k: v for k, v in diff.items() if k in PROCESS}
-  if process and not config.training.get("allow_config_change", False):
+  if process and not config.training.allow_config_change:
     raise ValueError(
         f"Resuming {workdir} at step {step} would change the diffusion process the model has "
         f"been learning:{_format(process)}\nResume with the run's values, or pass "
@@ -112,4 +147,4 @@ def record(config: ml_collections.ConfigDict, workdir: str, resume_step: int | N
     name = f"config_resume_{resume_step or 0}.json"
   else:
     name = "config.json"
-  (root / name).write_text(config_lib.config_to_json(config))
+  (root / name).write_text(config_to_json(config))

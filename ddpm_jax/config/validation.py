@@ -1,0 +1,267 @@
+"""The one validator: every rule on a config is checked here, once per run, before any compile.
+
+`validate(config, mode)` runs the checks that `mode` needs and returns the objects it built on the
+way (`factories.Components`): the drivers use exactly those, so nothing is built twice. Each rule
+lives in one `check_*` function, whose message names the key and the fix.
+
+Factories check their own arguments as library functions do (an unknown schedule, loss or sampler
+raises in `core` / `sampling` with the valid names); the rules here are about configs: which keys
+go together, what the devices, the data and other runs on disk allow.
+"""
+
+from etils import epath
+import jax
+import ml_collections
+
+from ddpm_jax import models
+from ddpm_jax import sampling
+from ddpm_jax.config import conditioning
+from ddpm_jax.config import factories
+from ddpm_jax.core import diffusion
+from ddpm_jax.core import losses
+from ddpm_jax.core import schedules
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import run_config
+
+MODES = ("train", "sample", "eval", "edit")
+EVAL_METRICS = ("bpd", "fid", "digits_score")
+EDIT_TASKS = ("inpaint", "sdedit")
+_check = diffusion.check_choice
+
+
+def validate(config: ml_collections.ConfigDict, *, mode: str) -> factories.Components:
+  """Fails fast, with the valid choices or the fix, on any config `mode` could not complete.
+
+  Args:
+    config: an experiment config (configs/base.py and a variant).
+    mode: 'train', 'sample', 'eval' or 'edit' (`--mode`): which data, weights and checkpoints the
+      run will need, so only those are checked.
+
+  Returns:
+    The run's tables, model, loss (train) and sampler, and the classifier-guidance run, if any.
+  """
+  _check("mode", mode, MODES)
+  check_choices(config)
+  check_training(config)
+  check_batches(config)
+  tables = factories.tables_from_config(config)
+  check_schedule_end(config, tables)
+  model = factories.create_model(config)
+  generative = config.training.objective == "diffusion"
+  # Building the loss and the sampler checks their combinations (e.g. mse with a learned
+  # variance, more sampler steps than timesteps).
+  loss_fn = factories.loss_fn_from_config(config, tables) if mode == "train" else None
+  sample_fn = factories.sampler_from_config(config, tables) if generative else None
+  check_guidance(config)
+  classifier = check_classifier(config)
+  metrics = _metrics(config, mode)
+  if mode == "train":
+    check_data(config)
+    check_training_labels(config)
+  elif {"bpd", "fid"} & set(metrics):
+    check_data(config)
+  if "fid" in metrics:
+    check_inception_weights(config)  # now, not after hours of training
+  if mode == "edit":
+    check_edit(config)
+  return factories.Components(tables, model, loss_fn, sample_fn, classifier)
+
+
+def _metrics(config, mode: str) -> tuple[str, ...]:
+  """The metrics this run computes: eval.metrics, or training's final ones."""
+  if mode == "eval":
+    return tuple(config.eval.metrics)
+  if mode == "train" and config.training.objective == "diffusion":
+    return tuple(config.training.final_eval_metrics)
+  return ()
+
+
+def check_choices(config: ml_collections.ConfigDict) -> None:
+  """Every name-valued field against its valid names (the dataset first: later checks use it)."""
+  d = config.diffusion
+  _check("data.dataset", config.data.dataset, input_pipeline.DATASETS)
+  _check("diffusion.schedule", d.schedule, schedules.SCHEDULES)
+  _check("diffusion.model_output", d.model_output, diffusion.MODEL_OUTPUTS)
+  _check("diffusion.model_var", d.model_var, diffusion.MODEL_VARS)
+  _check("diffusion.loss", d.loss, losses.LOSSES)
+  _check("diffusion.weighting", d.weighting, losses.WEIGHTINGS)
+  _check("diffusion.t_sampling", d.t_sampling, losses.T_SAMPLINGS)
+  _check("training.objective", config.training.objective, losses.OBJECTIVES)
+  _check("model.dtype", config.model.dtype, tuple(models.DTYPES))
+  _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
+  _check("sampling.grid", config.sampling.grid, ("default", *sampling.GRIDS))
+  sampling.check_edm_options("edm_stochastic", **factories.edm_options(config.sampling))
+  eval_metrics = (*config.eval.metrics, *config.training.final_eval_metrics)
+  for name in eval_metrics:
+    _check("eval metric", name, EVAL_METRICS)
+  if "digits_score" in eval_metrics and config.data.dataset != "digits":
+    raise ValueError(
+        f"Eval metric 'digits_score' scores 8x8 digits only (dataset {config.data.dataset!r}); use "
+        "'fid', or drop it from --config.eval.metrics / --config.training.final_eval_metrics.")
+
+
+def check_training(config: ml_collections.ConfigDict) -> None:
+  """Intervals, the objective's needs and the diffusion settings that cannot work together."""
+  d = config.diffusion
+  if config.training.objective == "classifier" and conditioning.num_classes(config) <= 0:
+    raise ValueError("training.objective='classifier' needs model.num_classes > 0 (the "
+                     "classifier's logits), e.g. --config.model.num_classes=10 for digits.")
+  for key in ("log_every", "checkpoint_every", "sample_every", "keep_checkpoints"):
+    if config.training[key] <= 0:
+      raise ValueError(f"training.{key} must be positive, got {config.training[key]}.")
+  if d.num_timesteps < 2:
+    raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
+  if d.zero_terminal_snr and d.model_output == "eps":
+    raise ValueError("diffusion.zero_terminal_snr makes x0 unrecoverable from eps at t = T; use "
+                     "--config.diffusion.model_output=v (Lin et al. 2023) or x0.")
+  p = config.training.p_uncond
+  if not 0.0 <= p <= 1.0:
+    raise ValueError(f"training.p_uncond must be in [0, 1], got {p}.")
+
+
+def check_schedule_end(config: ml_collections.ConfigDict, tables) -> None:
+  d = config.diffusion
+  if float(tables.abar[-1]) == 0.0 and d.model_output == "eps" and not d.clip_x0:
+    raise ValueError(f"Schedule {d.schedule!r} ends at abar_T = 0, where x0 = (x_T - eps) / 0: "
+                     "eps prediction needs --config.diffusion.clip_x0=True there, or use "
+                     "--config.diffusion.model_output=v.")
+
+
+def check_batches(config: ml_collections.ConfigDict) -> None:
+  """Every global batch splits evenly over all devices of all processes."""
+  n_dev = jax.device_count()
+  for key, batch in [("training.batch_size", config.training.batch_size),
+                     ("sampling.batch_size", config.sampling.batch_size),
+                     ("eval.batch_size", config.eval.batch_size)]:
+    if batch <= 0 or batch % n_dev:
+      fix = max(n_dev, round(batch / n_dev) * n_dev)
+      raise ValueError(
+          f"Global batch size {key}={batch} is not divisible by the {n_dev} devices "
+          f"({jax.process_count()} processes x {jax.local_device_count()} local devices); "
+          f"each device needs an equal share. Set --config.{key}={fix} (any multiple of "
+          f"{n_dev}).")
+
+
+def check_data(config: ml_collections.ConfigDict) -> None:
+  """The dataset's channels, and that each split the run reads opens from data.data_dir."""
+  data = config.data
+  spec = input_pipeline.DATASETS[data.dataset]
+  if data.num_channels != spec.num_channels and data.dataset != "folder":
+    raise ValueError(f"Dataset {data.dataset!r} has {spec.num_channels} channels but "
+                     f"config.data.num_channels={data.num_channels}.")
+  splits = [data.train_split, data.eval_split]
+  if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
+    splits.append(config.eval.fid_split)
+  input_pipeline.check_splits(config, splits)
+
+
+def check_training_labels(config: ml_collections.ConfigDict) -> None:
+  """A conditional model needs labels, all of them in [0, num_classes)."""
+  k = conditioning.num_classes(config)
+  if k <= 0:
+    return
+  have = conditioning.dataset_num_classes(config)
+  if have == 0:
+    raise ValueError(f"model.num_classes={k} needs labels, but dataset {config.data.dataset!r} "
+                     "has none (data.label_key). Train it unconditionally with "
+                     "--config.model.num_classes=0, or name the label feature in data.label_key.")
+  if have is not None and have > k:
+    raise ValueError(f"Dataset {config.data.dataset!r} has {have} classes (labels 0..{have - 1})"
+                     f" but model.num_classes={k}; set --config.model.num_classes={have}.")
+
+
+def check_class_label(config, label: int, what: str = "sampling.class_label") -> None:
+  k = conditioning.num_classes(config)
+  if k == 0:
+    if label != -1:
+      raise ValueError(f"{what}={label} asks for a class, but the model is unconditional "
+                       "(model.num_classes=0); leave it at -1.")
+    return
+  if not -1 <= label < k:
+    raise ValueError(f"{what}={label} is out of range: valid labels are 0..{k - 1}, or -1 for "
+                     "one of each class in turn.")
+
+
+def check_guidance(config: ml_collections.ConfigDict) -> None:
+  """Classifier-free guidance needs a conditional model, a scale >= 0 and a valid t interval."""
+  s = config.sampling
+  w = float(s.guidance_scale)
+  if not (s.classifier_workdir and conditioning.num_classes(config) == 0):
+    # Classifier guidance of an unconditional model checks the label against its classifier.
+    check_class_label(config, int(s.class_label))
+  if w < 0:
+    raise ValueError(f"sampling.guidance_scale must be >= 0, got {w}.")
+  if w > 0 and conditioning.num_classes(config) == 0:
+    raise ValueError(f"sampling.guidance_scale={w} needs a class-conditional model, but "
+                     "model.num_classes=0; use --config.sampling.guidance_scale=0.")
+  t_max = conditioning.guidance_interval(config)[1]
+  if not 0 <= s.guidance_t_min <= t_max:
+    raise ValueError(f"sampling.guidance_t_min={s.guidance_t_min} must be in [0, {t_max}] "
+                     "(guidance_t_max).")
+
+
+def check_classifier(config: ml_collections.ConfigDict) -> factories.ClassifierRun | None:
+  """Classifier guidance: the run named by sampling.classifier_workdir, checked; None when off."""
+  run_dir, s = str(config.sampling.classifier_workdir), config.sampling
+  if not run_dir:
+    return None
+  scale = float(s.classifier_scale)
+  if scale < 0:
+    raise ValueError(f"sampling.classifier_scale must be >= 0, got {scale}.")
+  cconfig = run_config.load(run_dir)
+  if cconfig is None:
+    raise ValueError(f"sampling.classifier_workdir={run_dir}: no config.json there; train a "
+                     "classifier first, e.g. python -m ddpm_jax.main "
+                     f"--config=configs/digits_classifier_noisy.py --workdir={run_dir}.")
+  if cconfig.training.objective != "classifier":
+    raise ValueError(f"sampling.classifier_workdir={run_dir} holds a run with training.objective="
+                     f"{cconfig.training.objective!r}, not a classifier "
+                     "(configs/digits_classifier_noisy.py).")
+  step = checkpointing.latest_step(run_dir)
+  if step is None:
+    raise ValueError(f"sampling.classifier_workdir={run_dir} has no checkpoint in "
+                     f"{checkpointing.checkpoint_dir(run_dir)}; train the classifier first.")
+  shape = lambda c: (c.data.image_size, c.data.num_channels)
+  if shape(cconfig) != shape(config):
+    raise ValueError(f"The classifier in {run_dir} takes {shape(cconfig)} (image_size, "
+                     f"num_channels) images, the model makes {shape(config)}.")
+  k, k_model = int(cconfig.model.num_classes), conditioning.num_classes(config)
+  if k_model and k_model != k:
+    raise ValueError(f"The classifier in {run_dir} has {k} classes, the conditional model "
+                     f"{k_model}; they must name the same classes.")
+  label = int(s.class_label)
+  if not -1 <= label < k:
+    raise ValueError(f"sampling.class_label={label} is out of range for the classifier in "
+                     f"{run_dir}: valid target classes are 0..{k - 1}, or -1 for one of each in "
+                     "turn.")
+  return factories.ClassifierRun(run_dir, cconfig, step)
+
+
+def check_inception_weights(config: ml_collections.ConfigDict) -> str:
+  """The FID weights path, or a FileNotFoundError that says how to make the file."""
+  path = config.eval.inception_weights
+  if not path or not epath.Path(path).exists():
+    raise FileNotFoundError(
+        f"FID needs the Inception weights file (--config.eval.inception_weights={path!r} not "
+        "found). Make it once on a machine with internet: download pytorch-fid's "
+        "pt_inception-2015-12-05-6726825d.pth, run `python tools/convert_inception_weights.py "
+        "--pth pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz`, then pass "
+        "--config.eval.inception_weights=inception_fid.npz. Or drop 'fid' from "
+        "--config.eval.metrics.")
+  return path
+
+
+def check_edit(config: ml_collections.ConfigDict) -> None:
+  """--mode=edit: the task, its timestep and class, and RePaint's counts."""
+  e, t_last = config.edit, config.diffusion.num_timesteps - 1
+  if e.task not in EDIT_TASKS:
+    raise ValueError(f"Unknown edit.task {e.task!r}; valid choices: {list(EDIT_TASKS)}.")
+  if e.task == "sdedit" and not 0 <= e.t0 <= t_last:
+    raise ValueError(f"edit.t0={e.t0} is out of range: SDEdit noises to a timestep index in "
+                     f"[0, {t_last}] (diffusion.num_timesteps - 1).")
+  check_class_label(config, int(e.class_label), "edit.class_label")
+  if e.resample_jump < 0 or e.resample_count < 0:
+    raise ValueError("edit.resample_jump and edit.resample_count must be >= 0.")
+  if e.num_images <= 0:
+    raise ValueError(f"edit.num_images must be positive, got {e.num_images}.")

@@ -1,0 +1,32 @@
+"""The device mesh: one `data` axis over every device of every host, and moving batches on and off it."""
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+AXIS = "data"
+
+
+def make_mesh(devices=None) -> Mesh:
+  """A 1-D mesh over every device of every host (or the given ones)."""
+  devices = jax.devices() if devices is None else list(devices)
+  # Auto axes: the step places data itself through shard_map, and the samplers leave the
+  # partitioning of their loops to XLA, which Explicit axes would not allow.
+  return jax.make_mesh((len(devices),), (AXIS,), axis_types=(jax.sharding.AxisType.Auto,),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def global_batch(mesh: Mesh, local_batch: dict) -> dict:
+  """Assembles each process's slice of the batch into one global array sharded over `data`."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
+
+
+def to_host(x) -> np.ndarray:
+  """A (possibly sharded, multi-process) array gathered whole onto every host."""
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
