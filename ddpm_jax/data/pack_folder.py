@@ -20,6 +20,7 @@ from array_record.python import array_record_module
 from etils import epath
 from PIL import Image
 
+from ddpm_jax.data import digits
 from ddpm_jax.data import folder_source
 
 def pack(src: str, out: str, image_size: int, num_channels: int, shard_size: int = 10_000,
@@ -47,8 +48,7 @@ def pack(src: str, out: str, image_size: int, num_channels: int, shard_size: int
 
 def export_digits(out: str) -> int:
   """Writes the digits train split as out/<digit>/<index>.png; returns the image count."""
-  from ddpm_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  images, labels = input_pipeline.load_digits_arrays("train")
+  images, labels = digits.load_digits_arrays("train")
   for index, (image, label) in enumerate(zip(images, labels)):
     path = epath.Path(out) / str(label) / f"{index:05d}.png"
     path.parent.mkdir(parents=True, exist_ok=True)

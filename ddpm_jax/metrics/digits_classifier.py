@@ -72,7 +72,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ddpm_jax.data.input_pipeline import load_digits_arrays
+from ddpm_jax.data.digits import load_digits_arrays
 from ddpm_jax.metrics import fid
 
 NUM_CLASSES = 10
@@ -93,8 +93,7 @@ def _patches_3x3(x, stride: int = 1):
 
   A Dense layer on these is exactly a 'SAME' 3x3 convolution. XLA:CPU's
   convolution emitter is slow on 8x8 maps with small channel counts; nine
-  slices and a matmul train several times faster, which is what keeps
-  training to a few seconds.
+  slices and a matmul are much faster there, which keeps training short.
   """
   h, w = x.shape[1:3]
   xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))

@@ -210,9 +210,10 @@ def _shape_mismatches(stored, expected) -> list[str]:
 
 def latest_step(workdir: str) -> int | None:
   """The newest checkpoint step in `workdir`, None if it has none (reads, never creates)."""
-  manager = create_manager(workdir, keep=None, read_only=True)
-  step = manager.latest_step()
-  manager.close()
+  with _Quiet():  # Orbax warns that a read-only manager is read-only
+    manager = create_manager(workdir, keep=None, read_only=True)
+    step = manager.latest_step()
+    manager.close()
   return step
 
 
@@ -234,7 +235,8 @@ def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: st
   name = "ema_params" if use_ema else "params"
   path = checkpoint_dir(workdir) / str(step) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
-  stored = checkpointer.metadata(path).item_metadata.tree[name]
+  with _Quiet():  # checkpoints written before Orbax's metadata file was added warn
+    stored = checkpointer.metadata(path).item_metadata.tree[name]
   mismatches = _shape_mismatches(stored, abstract_params)
   if mismatches:
     raise ValueError(

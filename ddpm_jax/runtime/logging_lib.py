@@ -32,8 +32,9 @@ TB_UPLOAD_EVERY_S = 60.0
 _SEGMENT_RE = re.compile(r"segment_(\d+)_(\d+)_(\d+)\.jsonl")
 
 # Our own code: INFO lines from anywhere else are library chatter (Orbax, etc.).
-_OWN_DIRS = tuple(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), d)
-                  + os.sep for d in ("ddpm_jax", "experiments", "configs"))
+_REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+_OWN_DIRS = tuple(os.path.join(_REPO_ROOT, d) + os.sep
+                  for d in ("ddpm_jax", "experiments", "configs", "benchmarks"))
 
 
 def _is_remote(path) -> bool:
@@ -161,15 +162,37 @@ class _OwnLinesOnly(py_logging.Filter):
             or record.pathname.startswith(_OWN_DIRS))
 
 
-def setup_console() -> None:
-  """Shows only our own INFO lines on the console unless `--verbosity>=1` asks for the rest.
+class _ShortFormat(py_logging.Formatter):
+  """`HH:MM:SS message` (warnings and errors name their level); absl's full prefix
+  (`I1203 08:10:03.523997 139819074780032 train.py:37]`) at --verbosity >= 1."""
 
-  Orbax and the other libraries log through the same absl handler as we do, so the filter goes
-  on that handler (and is read at each record, so a later `--verbosity` change applies).
+  def __init__(self, full: py_logging.Formatter | None):
+    super().__init__("%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    self._full = full
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    if logging.get_verbosity() >= 1 and self._full is not None:
+      return self._full.format(record)
+    text = super().format(record)
+    if record.levelno >= py_logging.WARNING:
+      stamp = self.formatTime(record, self.datefmt)
+      text = f"{stamp} {record.levelname}: {text[len(stamp) + 1:]}"
+    return text
+
+
+def setup_console() -> None:
+  """Shows our own INFO lines, with a short prefix, unless `--verbosity>=1` asks for the rest.
+
+  Orbax and the other libraries log through the same absl handler as we do, so the filter and
+  the format go on that handler (both read the verbosity at each record, so a later
+  `--verbosity` change applies). Called by the entry point (main.py), never on import.
   """
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _OwnLinesOnly) for f in handler.filters):
     handler.addFilter(_OwnLinesOnly())
+  current = handler.python_handler.formatter
+  if not isinstance(current, _ShortFormat):
+    handler.setFormatter(_ShortFormat(current))
 
 
 class Progress:

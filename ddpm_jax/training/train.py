@@ -14,7 +14,6 @@ import jax
 import ml_collections
 
 from configs import base as base_config
-from ddpm_jax.config import factories
 from ddpm_jax.config import validation
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.evaluation import classifier_guidance
@@ -120,7 +119,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   state = train_state_lib.create_train_state(config, model, mesh)
   _log_startup(config, mesh, state)
 
-  data_iter = input_pipeline.create_train_iterator(config)
+  data_iter = input_pipeline.create_train_iterator(config, source=parts.train_source)
   restored, restored_step = checkpointing.restore_newest_good(manager, state, data_iter,
                                                               check=_restored_is_finite)
   if restored is not None:
@@ -128,7 +127,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     state = restored
   if jax.process_index() == 0:
     run_config.record(config, workdir, restored_step)  # only once every check has passed
-    input_pipeline.save_class_names(config, workdir)  # label -> class folder, if any
+    input_pipeline.save_class_names(config, workdir, parts.train_source)  # label -> folder name
   step = int(jax.device_get(state.step))
   start_step = step
 
@@ -137,10 +136,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   generative = config.training.objective == "diffusion"
   if generative:
     classifier = classifier_guidance.load(parts.classifier, mesh, config.sampling.use_ema)
-    grid_steps = min(tc.grid_sampler_steps, config.diffusion.num_timesteps)
     grid_sampler = generation.make_sample_fn(
-        config, model, tables, mesh,
-        factories.sampler_from_config(config, tables, sampler="ddim", num_steps=grid_steps),
+        config, model, tables, mesh, parts.grid_sample_fn,
         classifier=classifier, sampler_name="ddim")
   writer = logging_lib.MetricWriter(workdir, first_step=step)
   progress = logging_lib.Progress(step, tc.num_train_steps)
