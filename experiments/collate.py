@@ -25,8 +25,8 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from ddpm_jax import logging_lib
-from ddpm_jax import schedules
+from ddpm_jax.runtime import logging_lib
+from ddpm_jax.core import schedules
 
 DONE_MARKER = "sweep_done.json"  # written by the runner when a point's run finishes
 FAILED_MARKER = "sweep_failed.json"  # ... and this one when it fails or stops early
