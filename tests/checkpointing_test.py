@@ -17,11 +17,12 @@ import pytest
 
 import helpers
 
-from ddpm_jax import checkpointing
-from ddpm_jax import evaluate
-from ddpm_jax import input_pipeline
-from ddpm_jax import run_config
-from ddpm_jax import train
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import drivers
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import run_config
+from ddpm_jax.training import train
 from helpers import checkpoint_entries
 from helpers import restore_state
 from helpers import tiny_config
@@ -214,10 +215,10 @@ def test_sample_and_eval_restore_params_only(reference, tmp_path, override):
   config = tiny_config(**{**override, "sampling.num_samples": 8, "sampling.sampler": "ddim",
                           "sampling.num_steps": 2, "sampling.trajectory_every": 0,
                           "eval.metrics": ("bpd",), "eval.bpd_num_examples": 8})
-  path = evaluate.sample(config, workdir)
+  path = drivers.sample(config, workdir)
   with np.load(path) as f:
     assert f["samples"].shape == (8, 8, 8, 1)
-  report = evaluate.evaluate(config, workdir)
+  report = drivers.evaluate(config, workdir)
   assert report["step"] == 15 and np.isfinite(report["bpd_total"])
 
 
@@ -225,7 +226,7 @@ def test_sample_with_other_param_shapes_names_the_field(reference, tmp_path):
   _, reference_dir = reference
   workdir = _copy(reference_dir, tmp_path, drop=())
   with pytest.raises(ValueError, match=r"model\.ch") as error:
-    evaluate.sample(tiny_config(**{"model.ch": 64}), workdir)
+    drivers.sample(tiny_config(**{"model.ch": 64}), workdir)
   assert "strict" not in str(error.value)
 
 
@@ -241,13 +242,12 @@ def test_preemption_checkpoint_never_pushes_out_a_regular_one():
 def test_old_per_process_data_item_restores_at_the_global_position(tmp_path, caplog):
   """A checkpoint from before the global data order (grain's process_<i>-of-<n>.json files)
   restores: the state as saved, the data stream at global batch `step`, with a warning."""
-  from ddpm_jax import models  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import train_step as train_step_lib  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.runtime import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
   import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = tiny_config()
-  state = train_state_lib.create_train_state(config, models.create_model(config),
-                                             train_step_lib.make_mesh())
+  state = train_state_lib.create_train_state(config, factories.create_model(config),
+                                             mesh_lib.make_mesh())
   state = state.replace(step=state.step + 7)
   manager = checkpointing.create_manager(str(tmp_path), keep=None)
   manager.save(7, args=ocp.args.Composite(state=ocp.args.StandardSave(state)), force=True)

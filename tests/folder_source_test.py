@@ -1,4 +1,5 @@
-"""Tests for the image-folder source (ddpm_jax.folder_source) and its packer, on generated PNGs."""
+"""Tests for the image-folder source (ddpm_jax.data.folder_source) and its packer, on generated
+PNGs."""
 
 import collections
 import hashlib
@@ -13,9 +14,10 @@ from PIL import Image
 import pytest
 
 from configs import folder as folder_config
-from ddpm_jax import folder_source
-from ddpm_jax import input_pipeline
-from ddpm_jax import pack_folder
+from ddpm_jax.config import validation
+from ddpm_jax.data import folder_source
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.data import pack_folder
 from tests.helpers import tiny_config
 
 _CLASSES = ("cat", "ant", "bee")  # written unsorted: labels follow the sorted names
@@ -141,8 +143,7 @@ def test_packed_and_raw_give_identical_batches(tmp_path):
   assert metadata["num_examples"] == 24 and len(metadata["shards"]) == 3
   assert metadata["classes"] == ["ant", "bee", "cat"]
   raw, packed = (_config(d, random_flip=True) for d in (root, tmp_path / "packed"))
-  assert isinstance(input_pipeline._open_source(packed.data, "train"),  # pylint: disable=protected-access
-                    folder_source.PackedSource)
+  assert isinstance(input_pipeline.open_source(packed.data, "train"), folder_source.PackedSource)
   for a, b in zip(itertools.islice(input_pipeline.create_train_iterator(raw), 5),
                   itertools.islice(input_pipeline.create_train_iterator(packed), 5)):
     np.testing.assert_array_equal(a["image"], b["image"])
@@ -153,7 +154,7 @@ def test_packed_and_raw_give_identical_batches(tmp_path):
       np.testing.assert_array_equal(a[key], b[key])
   packed.data.image_size = 16
   with pytest.raises(ValueError, match="packed at image_size=8.*pack the folder again"):
-    input_pipeline.validate_data_config(packed)
+    validation.check_data(packed)
 
 
 @pytest.mark.slow
@@ -172,31 +173,31 @@ def test_decoding_in_worker_processes_gives_the_same_batches(tmp_path):
 
 def test_missing_empty_and_imageless_folders_fail_before_compiling(tmp_path):
   with pytest.raises(ValueError, match="is not a directory.*data_dir"):
-    input_pipeline.validate_data_config(_config(tmp_path / "nowhere"))
+    validation.check_data(_config(tmp_path / "nowhere"))
   (tmp_path / "empty").mkdir()
   with pytest.raises(ValueError, match="No image files"):
-    input_pipeline.validate_data_config(_config(tmp_path / "empty"))
+    validation.check_data(_config(tmp_path / "empty"))
   (tmp_path / "text" / "a").mkdir(parents=True)
   (tmp_path / "text" / "a" / "notes.txt").write_text("hello")
   with pytest.raises(ValueError, match=r"No image files \(.png, .jpg"):
-    input_pipeline.validate_data_config(_config(tmp_path / "text"))
+    validation.check_data(_config(tmp_path / "text"))
 
 
 def test_mixed_class_folders_and_loose_files_fail(tmp_path):
   root = _make_folder(tmp_path / "images", per_class=1)
   _write_png(root / "stray.png", np.zeros((8, 8, 3), np.uint8))
   with pytest.raises(ValueError, match="mixes class subfolders with 1 loose.*stray.png"):
-    input_pipeline.validate_data_config(_config(root))
+    validation.check_data(_config(root))
 
 
 def test_corrupt_file_fails_naming_it_or_is_skipped_with_a_count(tmp_path, caplog):
   root = _make_folder(tmp_path / "images", per_class=4)
   (root / "bee" / "broken.png").write_bytes(b"\x89PNG not really")
   with pytest.raises(ValueError, match=r"Cannot read image .*bee/broken.png.*skip_corrupt=True"):
-    input_pipeline.validate_data_config(_config(root))
+    validation.check_data(_config(root))
   config = _config(root, skip_corrupt=True)
   with caplog.at_level(logging.WARNING):
-    input_pipeline.validate_data_config(config)
+    validation.check_data(config)
   assert "Skipped 1 unreadable image" in caplog.text
   assert input_pipeline.num_examples(config, "train") == 12
 
@@ -213,7 +214,7 @@ def test_small_images_are_upscaled_with_a_counted_warning(tmp_path, caplog):
 
 @pytest.mark.slow
 def test_a_folder_with_class_subfolders_trains_a_few_steps(tmp_path):
-  from ddpm_jax import train  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.training import train  # pylint: disable=g-import-not-at-top
   root = _make_folder(tmp_path / "images", per_class=6)
   config = tiny_config(**{"data.dataset": "folder", "data.data_dir": str(root),
                           "data.eval_split": "train", "data.num_channels": 3,

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import logging_lib
+from ddpm_jax.runtime import logging_lib
 from helpers import main_command
 from helpers import read_log
 from helpers import REPO_ROOT
@@ -255,7 +255,8 @@ def _make_tfds_cifar10(data_dir: str) -> None:
 # so a record read from gs:// would hang on the emulator (against real GCS it reads).
 _TFDS_CHECK = r"""
 import sys
-from ddpm_jax import input_pipeline
+from ddpm_jax.config import validation
+from ddpm_jax.data import input_pipeline
 from helpers import tiny_config
 data_dir, what = sys.argv[1], sys.argv[2]
 if what == "meta":  # every check but the label feature's, which reads a record
@@ -266,7 +267,8 @@ if what == "meta":  # every check but the label feature's, which reads a record
   print("SPLITS", sorted((s["name"], s["shardLengths"]) for s in info["splits"]))
 else:
   config = tiny_config("cifar10", **{"data.data_dir": data_dir})
-input_pipeline.validate_data_config(config)  # opens train and test from data_dir
+validation.check_batches(config)
+validation.check_data(config)  # opens train and test from data_dir
 print("SIZES", input_pipeline.num_examples(config, "train"), input_pipeline.num_examples(config, "test"))
 if what == "read":
   batch = next(iter(input_pipeline.create_train_iterator(config)))

@@ -1,4 +1,5 @@
-"""Tests for ddpm_jax.input_pipeline on tfds mock data and the bundled digits (no network)."""
+"""Tests for ddpm_jax.data.input_pipeline, and the data checks of config.validation, on tfds
+mock data and the bundled digits (no network)."""
 
 import collections
 import hashlib
@@ -12,7 +13,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import base
-from ddpm_jax import input_pipeline
+from ddpm_jax.config import validation
+from ddpm_jax.data import input_pipeline
 
 
 def _config(dataset="cifar10", batch_size=8, **data):
@@ -221,7 +223,7 @@ def test_tfds_batches_carry_the_label_feature():
     assert [want[k] for k in _keys(eval_batch["image"])] == eval_batch["label"].tolist()
     config.data.label_key = "class"
     with pytest.raises(ValueError, match=r"label_key='class'.*valid choices.*'label'"):
-      input_pipeline.validate_data_config(config)
+      validation.check_data(config)
 
 
 def test_digits_works_offline():
@@ -232,7 +234,8 @@ def test_digits_works_offline():
   assert train_labels.shape == (1437,) and test_labels.shape == (360,)
   assert set(np.unique(train_labels)) == set(range(10))
   config = _config("digits", batch_size=16)
-  input_pipeline.validate_data_config(config)
+  validation.check_batches(config)
+  validation.check_data(config)
   assert input_pipeline.num_examples(config, "train") == 1437
   assert input_pipeline.num_examples(config, "test") == 360
   batch = next(input_pipeline.create_train_iterator(config))
@@ -252,19 +255,21 @@ def test_centre_crop_then_resize():
 def test_unknown_dataset_and_split_list_valid_choices():
   config = _config()
   config.data.dataset = "imagenet"
-  with pytest.raises(ValueError, match="valid choices.*cifar10.*digits"):
-    input_pipeline.validate_data_config(config)
+  # The dataset name is checked with the other names, before the data checks that read it.
+  with pytest.raises(ValueError, match=r"data\.dataset 'imagenet'.*valid choices") as error:
+    validation.check_choices(config)
+  assert "'cifar10'" in str(error.value) and "'digits'" in str(error.value)
   config = _config("digits")
   config.data.eval_split = "validation"
   with pytest.raises(ValueError, match="valid splits"):
-    input_pipeline.validate_data_config(config)
+    validation.check_data(config)
 
 
 def test_missing_dataset_fails_fast_with_build_hint(tmp_path):
   config = _config(data_dir=str(tmp_path))
   start = time.monotonic()
   with pytest.raises(input_pipeline.DatasetNotFoundError, match="tfds build cifar10") as error:
-    input_pipeline.validate_data_config(config)
+    validation.check_data(config)
   assert time.monotonic() - start < 10.0  # no download attempt, no network timeout
   assert isinstance(error.value, ValueError)
   assert "not prepared" in str(error.value) and "data_dir" in str(error.value)
@@ -273,8 +278,8 @@ def test_missing_dataset_fails_fast_with_build_hint(tmp_path):
 def test_batch_not_divisible_by_devices():
   # conftest simulates 4 CPU devices.
   with pytest.raises(ValueError, match=r"not divisible.*4 devices.*batch_size=8"):
-    input_pipeline.validate_data_config(_config("digits", batch_size=6))
+    validation.check_batches(_config("digits", batch_size=6))
   config = _config("digits", batch_size=8)
   config.eval.batch_size = 10
   with pytest.raises(ValueError, match="eval.batch_size=10 is not divisible"):
-    input_pipeline.validate_data_config(config)
+    validation.check_batches(config)

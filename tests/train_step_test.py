@@ -11,28 +11,29 @@ import numpy as np
 import optax
 import pytest
 
-from ddpm_jax import config_lib
-from ddpm_jax import input_pipeline
-from ddpm_jax import models
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import factories
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import train_step as train_step_lib
 from helpers import tiny_config
 
 
 def _setup(**overrides):
   config = tiny_config(**overrides)
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  mesh = mesh_lib.make_mesh()
+  model = factories.create_model(config)
+  tables = factories.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
-  step = config_lib.train_step_from_config(config, model, tables, mesh)
+  step = train_step_lib.from_config(config, model, factories.loss_fn_from_config(config, tables),
+                                    mesh)
   image = next(input_pipeline.create_train_iterator(config))["image"]
   return config, mesh, state, step, image
 
 
 def _batch(mesh, image):
   flags = np.zeros(jax.device_count(), np.bool_)
-  return train_step_lib.global_batch(mesh, {"image": image, "preempt": flags})
+  return mesh_lib.global_batch(mesh, {"image": image, "preempt": flags})
 
 
 def _named(tree, name):
@@ -70,8 +71,8 @@ def test_huge_gradient_first_adam_moment_is_bounded_by_the_clip_norm():
   # The trainer's own optimiser and state, fed a gradient of global norm 1e6.
   clip, b1 = 1.0, 0.9
   config = tiny_config(**{"optim.grad_clip": clip, "optim.b1": b1})
-  state = train_state_lib.create_train_state(config, models.create_model(config),
-                                             train_step_lib.make_mesh())
+  state = train_state_lib.create_train_state(config, factories.create_model(config),
+                                             mesh_lib.make_mesh())
   grads = jax.tree.map(jnp.ones_like, state.params)
   grads = jax.tree.map(lambda g: g * 1e6 / optax.tree.norm(grads), grads)
   _, opt_state = state.tx.update(grads, state.opt_state, state.params)
@@ -136,14 +137,15 @@ def test_gradient_norm_and_update_do_not_depend_on_the_device_count():
   1, 2 and 4 devices (a pmean on top of the implicit psum would scale it by the device count)."""
   config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 1e-3})
   image = next(input_pipeline.create_train_iterator(config))["image"]
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  model = factories.create_model(config)
+  tables = factories.tables_from_config(config)
   results = {}
   for num_devices in (1, 2, 4):
-    mesh = train_step_lib.make_mesh(jax.devices()[:num_devices])
+    mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
     state = train_state_lib.create_train_state(config, model, mesh)
-    step = config_lib.train_step_from_config(config, model, tables, mesh)
-    batch = train_step_lib.global_batch(
+    step = train_step_lib.from_config(config, model,
+                                      factories.loss_fn_from_config(config, tables), mesh)
+    batch = mesh_lib.global_batch(
         mesh, {"image": image, "preempt": np.zeros(num_devices, np.bool_)})
     state, metrics = step(state, batch)
     results[num_devices] = (float(metrics["grad_norm"]), float(metrics["loss"]),

@@ -19,14 +19,14 @@ import helpers
 from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
-from ddpm_jax import checkpointing
-from ddpm_jax import config_lib
-from ddpm_jax import input_pipeline
-from ddpm_jax import models
-from ddpm_jax import schedules
-from ddpm_jax import train
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
+from ddpm_jax.config import factories
+from ddpm_jax.core import schedules
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import train
+from ddpm_jax.training import train_step as train_step_lib
 from helpers import checkpoint_entries
 from helpers import read_metrics
 from helpers import restore_state
@@ -41,10 +41,11 @@ def _compilation_cache(tmp_path_factory):
 
 def _make_state_and_step(config, mesh):
   """The train state and step exactly as train_and_evaluate builds them, on `mesh`."""
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  model = factories.create_model(config)
+  tables = factories.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
-  return state, config_lib.train_step_from_config(config, model, tables, mesh)
+  return state, train_step_lib.from_config(config, model,
+                                           factories.loss_fn_from_config(config, tables), mesh)
 
 
 def _leaves(tree) -> dict:
@@ -59,13 +60,13 @@ def test_one_and_four_devices_train_the_same_model(t_sampling):
   images = [next(data)["image"] for _ in range(3)]
   runs = {}
   for num_devices in (1, NUM_DEVICES):
-    mesh = train_step_lib.make_mesh(jax.devices()[:num_devices])
+    mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
     state, step = _make_state_and_step(config, mesh)
     initial = jax.device_get(state.params)  # copied out before the step donates the state
     history = []
     for image in images:
       batch = {"image": image, "preempt": np.zeros(num_devices, np.bool_)}
-      state, metrics = step(state, train_step_lib.global_batch(mesh, batch))
+      state, metrics = step(state, mesh_lib.global_batch(mesh, batch))
       history.append(jax.device_get(metrics))
     runs[num_devices] = initial, jax.device_get(state), history
 
@@ -227,7 +228,8 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
                                                                           monkeypatch):
   real = input_pipeline.create_train_iterator
   monkeypatch.setattr(input_pipeline, "create_train_iterator",
-                      lambda config: _PoisonedIterator(real(config), first_bad=3))
+                      lambda config, **kwargs: _PoisonedIterator(real(config, **kwargs),
+                                                                 first_bad=3))
   config = tiny_config(**{"training.num_train_steps": 8, "training.checkpoint_every": 2})
   workdir = str(tmp_path)
 
@@ -298,13 +300,13 @@ def test_unknown_dataset_is_named_before_any_metric_check(tmp_path, monkeypatch)
 
 
 def test_bits_per_dim_over_an_uneven_last_batch_is_the_mean_over_real_examples():
-  from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import quality  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.core import losses  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.evaluation import quality  # pylint: disable=g-import-not-at-top
   # 360 held-out digits in batches of 16: the last batch holds 8 real and 8 padded examples.
   config = tiny_config(**{"eval.batch_size": 16, "eval.bpd_num_examples": 0})
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  mesh = mesh_lib.make_mesh()
+  model = factories.create_model(config)
+  tables = factories.tables_from_config(config)
   params = train_state_lib.create_train_state(config, model, mesh).params
   report = quality.bits_per_dim(config, model, tables, mesh, params)
   assert report["bpd_num_examples"] == 360

@@ -13,6 +13,7 @@ from configs import celebahq256
 from configs import cifar10
 from configs import digits
 from ddpm_jax import models
+from ddpm_jax.config import factories
 from ddpm_jax.models import layers
 
 # Tiny models run on 8x8 images: level 0 at 8x8, level 1 (with attention) at 4x4.
@@ -62,14 +63,14 @@ def _apply_fn(module, train):
 
 
 def test_cifar10_param_count_matches_ddpm():
-  model = models.create_model(cifar10.get_config())
+  model = factories.create_model(cifar10.get_config())
   assert models.param_count(model, 32, 3) == 35_746_307
 
 
 def test_params_are_float32_even_with_bfloat16_compute():
   config = cifar10.get_config()
   config.model.dtype = "bfloat16"
-  shapes = models.param_shapes(models.create_model(config), 32, 3)
+  shapes = models.param_shapes(factories.create_model(config), 32, 3)
   assert {leaf.dtype for leaf in jax.tree.leaves(shapes)} == {jnp.dtype(jnp.float32)}
   # Same parameters as the float32 model: the compute dtype must not change the architecture.
   assert sum(leaf.size for leaf in jax.tree.leaves(shapes)) == 35_746_307
@@ -77,7 +78,7 @@ def test_params_are_float32_even_with_bfloat16_compute():
 
 def test_256_model_builds():
   config = celebahq256.get_config()
-  model = models.create_model(config)
+  model = factories.create_model(config)
   out = jax.eval_shape(
       lambda: model.init_with_output(jax.random.key(0), jnp.zeros((1, 256, 256, 3)),
                                      jnp.zeros((1,), jnp.int32), train=False)[0])
@@ -90,7 +91,7 @@ def test_256_model_builds():
 def test_digits_model_output_shape(model_var, out_channels):
   config = digits.get_config()
   config.diffusion.model_var = model_var
-  model = models.create_model(config)
+  model = factories.create_model(config)
   assert model.out_channels == out_channels
   x, t = _inputs(channels=1)
   out = jax.eval_shape(lambda: model.init_with_output(jax.random.key(0), x, t, train=False)[0])
@@ -98,7 +99,7 @@ def test_digits_model_output_shape(model_var, out_channels):
 
 
 def test_digits_model_runs_and_is_finite():
-  model = models.create_model(digits.get_config())
+  model = factories.create_model(digits.get_config())
   x, t = _inputs(channels=1)
   out = _apply_fn(model, False)(_random_params(model), x, t, None)
   assert out.shape == x.shape and out.dtype == jnp.float32
@@ -198,8 +199,8 @@ def _equations(jaxpr):
 def test_bfloat16_training_keeps_norms_softmax_and_loss_in_float32():
   """With bfloat16 compute, every reduction (GroupNorm statistics, the softmax, the loss) and every
   exp / rsqrt of the forward pass and the loss reads float32, and the loss is float32."""
-  from ddpm_jax import losses  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import schedules  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.core import losses  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.core import schedules  # pylint: disable=g-import-not-at-top
 
   x, t = _inputs()
   model16 = models.TinyUNet(out_channels=1, dtype=jnp.bfloat16)
@@ -228,7 +229,7 @@ def test_create_model_rejects_unknown_dtype():
   config = cifar10.get_config()
   config.model.dtype = "float16"
   with pytest.raises(ValueError, match="bfloat16"):
-    models.create_model(config)
+    factories.create_model(config)
 
 
 def test_input_size_must_divide_by_downsampling():
@@ -299,16 +300,16 @@ def test_float_timesteps_interpolate_between_integer_ones():
 
 def test_create_model_reads_num_classes():
   config = digits.get_config()
-  assert models.create_model(config).num_classes == 0
+  assert factories.create_model(config).num_classes == 0
   config.model.num_classes = 10
-  assert models.create_model(config).num_classes == 10
+  assert factories.create_model(config).num_classes == 10
 
 
 def test_runs_recorded_before_num_classes_existed_still_resume(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import config_lib, run_config  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.runtime import run_config  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
-  old = json.loads(config_lib.config_to_json(config))
+  old = json.loads(run_config.config_to_json(config))
   del old["model"]["num_classes"]  # a config.json written before model.num_classes
   (tmp_path / "config.json").write_text(json.dumps(old))
   assert "model.num_classes" not in run_config.check_resume(config, str(tmp_path), 10)

@@ -155,6 +155,7 @@ def check_data(config: ml_collections.ConfigDict) -> dict:
   """The dataset's channels, and that each split the run reads opens from data.data_dir;
   returns {split: opened source}."""
   data = config.data
+  _check("data.dataset", data.dataset, input_pipeline.DATASETS)
   spec = input_pipeline.DATASETS[data.dataset]
   if data.num_channels != spec.num_channels and data.dataset != "folder":
     raise ValueError(f"Dataset {data.dataset!r} has {spec.num_channels} channels but "
