@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion
-from ddpm_jax import schedules
+from ddpm_jax.core import diffusion
+from ddpm_jax.core import schedules
 
 T = 100
 SHAPE = (4, 3, 3, 2)  # [B, H, W, C]

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from ddpm_jax.input_pipeline import load_digits_arrays
+from ddpm_jax.data.input_pipeline import load_digits_arrays
 from ddpm_jax.metrics import digits_classifier as dc
 
 

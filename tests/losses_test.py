@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from ddpm_jax import diffusion
-from ddpm_jax import losses
-from ddpm_jax import schedules
+from ddpm_jax.core import diffusion
+from ddpm_jax.core import losses
+from ddpm_jax.core import schedules
 
 T = 50
 SHAPE = (4, 2, 2, 3)  # [B, H, W, C]

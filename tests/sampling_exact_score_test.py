@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import sampling, schedules
+from ddpm_jax import sampling
+from ddpm_jax.core import schedules
 
 MU, STD = 0.5, 0.1
 SHAPE = (256, 16)  # 4096 pixels.

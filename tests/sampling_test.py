@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax import diffusion
+from ddpm_jax.core import diffusion
 from ddpm_jax import sampling
-from ddpm_jax import schedules
+from ddpm_jax.core import schedules
 
 MU = np.array([0.3, -0.2])
 SIGMA = np.array([[0.2, 0.1], [0.1, 0.15]])  # Eigenvalues 0.28 and 0.07.

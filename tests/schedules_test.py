@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import schedules
+from ddpm_jax.core import schedules
 
 ALL = sorted(schedules.SCHEDULES)
 VARIANTS = [pytest.param(lambda f: f, id="eager"), pytest.param(jax.jit, id="jit")]

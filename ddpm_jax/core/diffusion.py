@@ -10,9 +10,10 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from ddpm_jax.core import noise_levels
+from ddpm_jax.core.noise_levels import MODEL_OUTPUTS
 from ddpm_jax.core.schedules import DiffusionTables
 
-MODEL_OUTPUTS = ("eps", "x0", "v")
 MODEL_VARS = ("fixed_small", "fixed_large", "learned", "learned_range")
 LEARNED_VARS = ("learned", "learned_range")
 
@@ -24,7 +25,7 @@ def gather(table: jnp.ndarray, t: jnp.ndarray, ndim: int) -> jnp.ndarray:
 
 
 def check_choice(name: str, value: str, valid) -> None:
-  """The one choice checker: fails naming the valid choices (used by every factory and by `config.validation`)."""
+  """The one choice checker: fails naming the valid choices (every factory, `config.validation`)."""
   if value not in valid:
     raise ValueError(f"Unknown {name} {value!r}; valid choices: {list(valid)}.")
 
@@ -44,8 +45,8 @@ def q_mean_variance(tables: DiffusionTables, x0, t):
 
 def q_sample(tables: DiffusionTables, x0, t, noise):
   """x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, a sample of q(x_t|x_0)."""
-  return (gather(tables.sqrt_abar, t, x0.ndim) * x0
-          + gather(tables.sqrt_one_minus_abar, t, x0.ndim) * noise)
+  alpha, s = vp_at_index(tables, t, x0.ndim)
+  return alpha * x0 + s * noise
 
 
 def q_posterior_mean_variance(tables: DiffusionTables, x0, x_t, t):
@@ -62,36 +63,46 @@ def q_posterior_mean_variance(tables: DiffusionTables, x0, x_t, t):
 
 
 # --- Conversions between the eps, x0 and v parameterisations ----------------------------------
+# The formulas are `noise_levels`'; these apply them at integer t with the tables' coefficients.
+
+
+def vp_at_index(tables: DiffusionTables, t, ndim: int):
+  """(alpha, s) = (sqrt(abar_t), sqrt(1 - abar_t)) from the tables at integer t (DDPM eq. 4).
+
+  Each is shaped to broadcast against an array of rank `ndim` (see `gather`). At integer t these
+  are `noise_levels.vp_at` up to rounding; the tables' own values keep DDPM's sampler exact.
+  """
+  return gather(tables.sqrt_abar, t, ndim), gather(tables.sqrt_one_minus_abar, t, ndim)
 
 
 def x0_from_eps(tables: DiffusionTables, x_t, t, eps):
-  """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) = x_t / sqrt(abar) - sqrt(1/abar - 1) eps."""
-  return (gather(tables.sqrt_recip_abar, t, x_t.ndim) * x_t
-          - gather(tables.sqrt_recipm1_abar, t, x_t.ndim) * eps)
+  """x_0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) (`noise_levels.x0_eps_from_output`)."""
+  alpha, s = vp_at_index(tables, t, x_t.ndim)
+  return noise_levels.x0_eps_from_output(eps, x_t, alpha, s, "eps")[0]
 
 
 def eps_from_x0(tables: DiffusionTables, x_t, t, x0):
-  """eps = (x_t / sqrt(abar) - x_0) / sqrt(1/abar - 1), the inverse of `x0_from_eps`."""
-  return ((gather(tables.sqrt_recip_abar, t, x_t.ndim) * x_t - x0)
-          / gather(tables.sqrt_recipm1_abar, t, x_t.ndim))
+  """eps = (x_t - sqrt(abar) x_0) / sqrt(1 - abar), the inverse of `x0_from_eps`."""
+  alpha, s = vp_at_index(tables, t, x_t.ndim)
+  return noise_levels.x0_eps_from_output(x0, x_t, alpha, s, "x0")[1]
 
 
 def v_from_x0_eps(tables: DiffusionTables, x0, t, eps):
   """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022, sec. 4)."""
-  return (gather(tables.sqrt_abar, t, x0.ndim) * eps
-          - gather(tables.sqrt_one_minus_abar, t, x0.ndim) * x0)
+  alpha, s = vp_at_index(tables, t, x0.ndim)
+  return noise_levels.output_from_x0_eps(x0, eps, alpha, s, "v")
 
 
 def x0_from_v(tables: DiffusionTables, x_t, t, v):
   """x_0 = sqrt(abar) x_t - sqrt(1 - abar) v."""
-  return (gather(tables.sqrt_abar, t, x_t.ndim) * x_t
-          - gather(tables.sqrt_one_minus_abar, t, x_t.ndim) * v)
+  alpha, s = vp_at_index(tables, t, x_t.ndim)
+  return noise_levels.x0_eps_from_output(v, x_t, alpha, s, "v")[0]
 
 
 def eps_from_v(tables: DiffusionTables, x_t, t, v):
   """eps = sqrt(1 - abar) x_t + sqrt(abar) v."""
-  return (gather(tables.sqrt_one_minus_abar, t, x_t.ndim) * x_t
-          + gather(tables.sqrt_abar, t, x_t.ndim) * v)
+  alpha, s = vp_at_index(tables, t, x_t.ndim)
+  return noise_levels.x0_eps_from_output(v, x_t, alpha, s, "v")[1]
 
 
 def split_model_output(model_out, model_var: str):
@@ -102,25 +113,15 @@ def split_model_output(model_out, model_var: str):
 
 
 def predict_x0_eps(tables: DiffusionTables, pred, x_t, t, model_output: str, clip_x0: bool):
-  """Turns the mean part of a network output into (x0_hat, eps_hat).
+  """Turns the mean part of a network output into (x0_hat, eps_hat) at integer t.
 
-  With `clip_x0`, x0_hat is clipped to [-1, 1] and eps_hat is recomputed from the clipped x0_hat,
-  so both describe the same point (what the DDPM and DDIM samplers use).
+  `noise_levels.x0_eps_from_output` with the tables' (alpha, s) = (sqrt(abar_t),
+  sqrt(1 - abar_t)). With `clip_x0`, x0_hat is clipped to [-1, 1] and eps_hat is recomputed from
+  the clipped x0_hat, so both describe the same point (what the DDPM and DDIM samplers use).
   """
   check_choice("model_output", model_output, MODEL_OUTPUTS)
-  if model_output == "eps":
-    x0 = x0_from_eps(tables, x_t, t, pred)
-    eps = pred
-  elif model_output == "x0":
-    x0 = pred
-    eps = eps_from_x0(tables, x_t, t, pred)
-  else:
-    x0 = x0_from_v(tables, x_t, t, pred)
-    eps = eps_from_v(tables, x_t, t, pred)
-  if clip_x0:
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = eps_from_x0(tables, x_t, t, x0)
-  return x0, eps
+  alpha, s = vp_at_index(tables, t, x_t.ndim)
+  return noise_levels.x0_eps_from_output(pred, x_t, alpha, s, model_output, clip_x0)
 
 
 class PMeanVar(NamedTuple):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
 from ddpm_jax.core import diffusion
+from ddpm_jax.core import noise_levels
 from ddpm_jax.core.schedules import DiffusionTables
 
 LOSSES = ("mse", "kl", "hybrid")
@@ -177,12 +178,8 @@ def get_loss_fn(tables: DiffusionTables, *, loss: str = "mse", model_output: str
     model_out = model_fn(x_t, t).astype(jnp.float32)
     pred, var_out = diffusion.split_model_output(model_out, model_var)
 
-    if model_output == "eps":
-      target = noise
-    elif model_output == "x0":
-      target = x0
-    else:
-      target = diffusion.v_from_x0_eps(tables, x0, t, noise)
+    alpha, s = diffusion.vp_at_index(tables, t, x0.ndim)
+    target = noise_levels.output_from_x0_eps(x0, noise, alpha, s, model_output)
     mse = _mean_flat(jnp.square(target - pred))
     snr = diffusion.gather(tables.snr, t, 1).astype(jnp.float32)
     weight = _mse_weight(snr, weighting, model_output, p2_k, p2_gamma, min_snr_gamma)

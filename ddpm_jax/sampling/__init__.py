@@ -33,7 +33,7 @@ variances). Every sampler is a single `lax.fori_loop`.
 import numpy as np
 
 from ddpm_jax.core import diffusion
-from ddpm_jax.sampling import loop as _loop
+from ddpm_jax.sampling import loop
 from ddpm_jax.sampling import dpm_solver
 from ddpm_jax.sampling import grids
 from ddpm_jax.sampling import sigma

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.sampling import loop as _loop
+from ddpm_jax.sampling import loop
 
 MAX_STEP_RATIO = 2.0
 LOWER_ORDER_FINAL_STEPS = 15

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.core import diffusion
-from ddpm_jax.sampling import guidance
+from ddpm_jax.core import noise_levels
 
 
 def _box(h, w, top, bottom, left, right):
@@ -69,12 +69,15 @@ def make_mask(spec: str, height: int, width: int) -> np.ndarray:
 
 
 def q_sample_at(tables, x0, t, noise):
-  """x_t = alpha(t) x0 + s(t) noise at a (fractional) index t, [B] or scalar; t < 0 gives x0."""
+  """x_t = alpha(t) x0 + s(t) noise at a (fractional) index t, [B] or scalar; t < 0 gives x0.
+
+  (alpha, s) = `noise_levels.vp_at(tables, t)`, the samplers' coefficients at t; t < 0 is clean
+  data there (alpha = 1, s = 0), which this keeps exact rather than trusting 1 x0 + 0 noise.
+  """
   t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x0.shape[:1])
-  alpha, s = guidance.vp_coefficients(tables, jnp.maximum(t, 0.0))
-  alpha, s = alpha.reshape(-1, 1, 1, 1), s.reshape(-1, 1, 1, 1)
-  clean = (t < 0).reshape(-1, 1, 1, 1)
-  return jnp.where(clean, x0, alpha * x0 + s * noise)
+  alpha, s = noise_levels.vp_at(tables, t)
+  bcast = lambda v: v.reshape(v.shape + (1,) * (x0.ndim - 1))
+  return jnp.where(bcast(t < 0), x0, bcast(alpha) * x0 + bcast(s) * noise)
 
 
 def replacement_post_step(tables, x0_known, mask):

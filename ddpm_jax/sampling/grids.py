@@ -12,46 +12,20 @@ interpolation over snapping to the nearest index because the Karras and log-SNR 
 defined in sigma: snapping would merge points at the dense low-noise end (several grid points
 on index 0) and change the step sizes the solvers' error analysis assumes. The U-Net's
 sinusoidal embedding is continuous in t, so fractional t is in-distribution between neighbours.
+The interpolation is `ddpm_jax.core.noise_levels.sigma_at` (and its inverse `t_at`), the one
+that guidance and editing use too; its names are re-exported here.
 """
 
 import numpy as np
 
+# The noise level at fractional t is the core's; kept importable from here (`grids.sigma_at`).
+from ddpm_jax.core.noise_levels import log_sigmas
+from ddpm_jax.core.noise_levels import sigma_at  # noqa: F401  (re-exported)
+from ddpm_jax.core.noise_levels import t_at
 from ddpm_jax.core.schedules import DiffusionTables
 
 # Karras et al. 2022 (EDM), eq. 5: rho = 7.
 KARRAS_RHO = 7.0
-
-
-def log_sigmas(tables: DiffusionTables) -> np.ndarray:
-  """log sigma_k = 0.5 log((1 - abar_k) / abar_k), k = 0..T-1, float64 (+inf where abar = 0)."""
-  abar = np.asarray(tables.abar, np.float64)
-  one_minus = np.square(np.asarray(tables.sqrt_one_minus_abar, np.float64))
-  with np.errstate(divide="ignore"):
-    return 0.5 * (np.log(one_minus) - np.log(abar))
-
-
-def sigma_at(tables: DiffusionTables, t: np.ndarray) -> np.ndarray:
-  """sigma(t) at fractional t in [0, T-1] by linear interpolation of log sigma; t < 0 gives 0.
-
-  An infinite last entry (abar_{T-1} = 0) makes sigma = inf at t = T - 1 only.
-  """
-  ls = log_sigmas(tables)
-  t = np.asarray(t, np.float64)
-  last = ls.size - 1
-  finite = np.isfinite(ls)
-  idx = np.arange(ls.size)
-  out = np.exp(np.interp(t, idx[finite], ls[finite]))
-  out = np.where(t >= last, np.exp(ls[last]), out)
-  return np.where(t < 0, 0.0, out)
-
-
-def t_at(tables: DiffusionTables, sigma: np.ndarray) -> np.ndarray:
-  """The inverse of `sigma_at` over the finite sigmas: fractional t with sigma(t) = sigma."""
-  ls = log_sigmas(tables)
-  finite = np.isfinite(ls)
-  idx = np.arange(ls.size, dtype=np.float64)
-  with np.errstate(divide="ignore"):
-    return np.interp(np.log(np.asarray(sigma, np.float64)), ls[finite], idx[finite])
 
 
 def _spacing(num_timesteps: int, num_steps: int, power: float) -> np.ndarray:
@@ -127,3 +101,4 @@ def make_grid(name: str, tables: DiffusionTables, num_steps: int) -> np.ndarray:
   assert g.shape == (num_steps,) and g[0] == tables.num_timesteps - 1, (name, g)
   assert np.all(np.diff(g) < 0) and g[-1] >= 0, (name, g)
   return g
+

@@ -29,16 +29,13 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ddpm_jax.core import diffusion
+from ddpm_jax.core import noise_levels
 
 CondModelFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 CLASSIFIER_MODES = ("eps", "ancestral")
-
-# log sigma of an abar = 0 entry: large and finite, so s -> 1 and alpha -> 0 without NaNs.
-_MAX_LOG_SIGMA = 30.0
 
 
 def _bcast(v: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
@@ -46,16 +43,9 @@ def _bcast(v: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
 
 
 def vp_coefficients(tables, t: jnp.ndarray):
-  """(alpha, s) = (sqrt(abar), sqrt(1 - abar)) at fractional indices t, interpolating log sigma
-  (sigma^2 = (1 - abar) / abar) linearly, as the samplers' grids do."""
-  abar = np.asarray(tables.abar, np.float64)
-  with np.errstate(divide="ignore"):
-    log_sigma = 0.5 * (np.log1p(-abar) - np.log(abar))
-  log_sigma = np.minimum(np.nan_to_num(log_sigma, posinf=_MAX_LOG_SIGMA), _MAX_LOG_SIGMA)
-  ls = jnp.interp(jnp.asarray(t, jnp.float32), jnp.arange(abar.size, dtype=jnp.float32),
-                  jnp.asarray(log_sigma, jnp.float32))
-  sigma = jnp.exp(ls)
-  return 1.0 / jnp.sqrt(1.0 + sigma**2), sigma / jnp.sqrt(1.0 + sigma**2)
+  """(alpha, s) at fractional indices t, float32 jnp: `noise_levels.vp_at`, the samplers' own
+  log-sigma interpolation (kept name)."""
+  return noise_levels.vp_at(tables, jnp.asarray(t, jnp.float32))
 
 
 def in_interval(t: jnp.ndarray, interval: tuple[float, float] | None) -> jnp.ndarray | bool:
@@ -121,8 +111,9 @@ def classifier_guidance(model_fn: ModelFn, log_prob_fn: Callable, labels: jnp.nd
                         interval: tuple[float, float] | None = None) -> ModelFn:
   """Shifts the model's prediction by the classifier gradient (see the module docstring).
 
-  The eps shift d is carried into the model's own parameterisation at fixed x_t:
-  eps: eps + d;  x0: x0 - (s / alpha) d;  v (eps = s x + alpha v): v + d / alpha.
+  The eps shift d is carried into the model's own parameterisation at fixed x_t by
+  `noise_levels.add_eps_shift`: eps: eps + d;  x0: x0 - (s / alpha) d;  v: v + d / alpha, with
+  (alpha, s) = `noise_levels.vp_at(tables, t)`, the samplers' coefficients at the same t.
 
   Args:
     model_fn: the (possibly already guided) model, `model_fn(x, t)`.
@@ -144,7 +135,7 @@ def classifier_guidance(model_fn: ModelFn, log_prob_fn: Callable, labels: jnp.nd
   def guided_fn(x, t):
     out = model_fn(x, t)
     pred, var = diffusion.split_model_output(out, model_var)
-    alpha, s = vp_coefficients(tables, t)
+    alpha, s = vp_coefficients(tables, t)  # What the sampler uses at this t.
     g = classifier_grad(log_prob_fn, x, t, labels)
     if mode == "eps":
       d = -scale * _bcast(s, x) * g
@@ -154,11 +145,6 @@ def classifier_guidance(model_fn: ModelFn, log_prob_fn: Callable, labels: jnp.nd
       beta = _bcast(betas[ti], x)
       d = -scale * jnp.exp(log_var) * jnp.sqrt(1.0 - beta) * _bcast(s, x) / beta * g
     d = jnp.where(_bcast(jnp.asarray(in_interval(t, interval)), d), d, 0.0)
-    if model_output == "eps":
-      pred = pred + d
-    elif model_output == "x0":
-      pred = pred - _bcast(s / jnp.maximum(alpha, 1e-6), x) * d
-    else:
-      pred = pred + d / _bcast(jnp.maximum(alpha, 1e-6), x)
+    pred = noise_levels.add_eps_shift(pred, d, _bcast(alpha, x), _bcast(s, x), model_output)
     return pred if var is None else jnp.concatenate([pred, var], axis=-1)
   return guided_fn

@@ -10,20 +10,18 @@ partitionable threefry this makes the samples identical however the batch is sha
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ddpm_jax.core import diffusion
-from ddpm_jax.sampling import grids
+from ddpm_jax.core import noise_levels
 
 ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 PostStep = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray, jax.Array], jnp.ndarray]
-
-# alpha is floored here, as in `schedules`, so abar = 0 gives a huge but finite x0 from eps.
-_MIN_ALPHA = 1e-6
 
 
 class Levels(NamedTuple):
@@ -43,44 +41,22 @@ class Levels(NamedTuple):
 
 
 def levels(tables, grid: np.ndarray) -> Levels:
+  """The levels of `grid` and the next points (`noise_levels.sigma_at`, then `vp_from_sigma`)."""
   t = np.asarray(grid, np.float64)
   t_next = np.append(t[1:], -1.0)
-  sig, sig_next = grids.sigma_at(tables, t), grids.sigma_at(tables, t_next)
-
-  def vp(x):
-    with np.errstate(invalid="ignore", divide="ignore"):
-      alpha = np.where(np.isinf(x), 0.0, 1.0 / np.sqrt(1.0 + x**2))
-      s = np.where(np.isinf(x), 1.0, x / np.sqrt(1.0 + x**2))
-    return alpha, s
-
-  return Levels(t, sig, *vp(sig), t_next, sig_next, *vp(sig_next))
+  sig, sig_next = noise_levels.sigma_at(tables, t), noise_levels.sigma_at(tables, t_next)
+  return Levels(t, sig, *noise_levels.vp_from_sigma(sig), t_next, sig_next,
+                *noise_levels.vp_from_sigma(sig_next))
 
 
 def predict(model_out, x, alpha, s, model_output: str, model_var: str, clip_x0: bool):
   """(x0_hat, eps_hat) from the raw output at VP coefficients alpha, s (scalars).
 
-  eps: x0 = (x - s eps) / alpha;  x0: eps = (x - alpha x0) / s;  v (Salimans & Ho 2022):
-  x0 = alpha x - s v, eps = s x + alpha v. A learned variance's channels are split off and
-  unused. With `clip_x0`, x0_hat is clipped to [-1, 1] and eps_hat recomputed from it.
+  `noise_levels.x0_eps_from_output` on the prediction channels (a learned variance's channels are
+  split off and unused); with `clip_x0`, x0_hat is clipped to [-1, 1] and eps_hat recomputed.
   """
   pred, _ = diffusion.split_model_output(model_out, model_var)
-  # Multiplications by reciprocals only: XLA may rewrite a division by a scalar differently per
-  # compilation, which would break the bitwise equality across device counts.
-  inv_alpha = 1.0 / jnp.maximum(alpha, _MIN_ALPHA)
-  inv_s = 1.0 / s
-  if model_output == "eps":
-    eps = pred
-    x0 = (x - s * eps) * inv_alpha
-  elif model_output == "x0":
-    x0 = pred
-    eps = (x - alpha * x0) * inv_s
-  else:
-    x0 = alpha * x - s * pred
-    eps = s * x + alpha * pred
-  if clip_x0:
-    x0 = jnp.clip(x0, -1.0, 1.0)
-    eps = (x - alpha * x0) * inv_s
-  return x0, eps
+  return noise_levels.x0_eps_from_output(pred, x, alpha, s, model_output, clip_x0)
 
 
 class Stepper(NamedTuple):

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.sampling import loop as _loop
-from ddpm_jax.sampling import grids
+from ddpm_jax.core import noise_levels
+from ddpm_jax.sampling import loop
 
 
 def euler(tables, model_output, model_var, clip_x0):
@@ -45,13 +45,11 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
       gamma = np.where((lv.sigma >= s_tmin) & (lv.sigma <= s_tmax),
                        min(s_churn / n, np.sqrt(2.0) - 1.0), 0.0)
       gamma[0] = 0.0
-      sig_max = grids.sigma_at(tables, np.array(tables.num_timesteps - 1.0))
+      sig_max = noise_levels.sigma_at(tables, np.array(tables.num_timesteps - 1.0))
       sig_hat = np.where(gamma > 0, np.minimum(lv.sigma * (1 + gamma), sig_max), lv.sigma)
       with np.errstate(invalid="ignore", divide="ignore"):
-        t_hat = np.where(sig_hat > lv.sigma, grids.t_at(tables, sig_hat), t_hat)
-    with np.errstate(invalid="ignore", divide="ignore"):
-      a_hat = np.where(np.isinf(sig_hat), 0.0, 1.0 / np.sqrt(1.0 + sig_hat**2))
-      s_hat = np.where(np.isinf(sig_hat), 1.0, sig_hat * a_hat)
+        t_hat = np.where(sig_hat > lv.sigma, noise_levels.t_at(tables, sig_hat), t_hat)
+    a_hat, s_hat = noise_levels.vp_from_sigma(sig_hat)
     # After step i: x at sigma_{i+1} becomes x_hat at sigma_hat_{i+1} (VP: times a_hat / a).
     sig_hat_next = np.append(sig_hat[1:], 0.0)
     a_hat_next = np.append(a_hat[1:], 1.0)

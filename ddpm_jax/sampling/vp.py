@@ -6,7 +6,7 @@ import numpy as np
 
 from ddpm_jax.core import diffusion
 from ddpm_jax.core import schedules
-from ddpm_jax.sampling import loop as _loop
+from ddpm_jax.sampling import loop
 
 
 def respaced_tables(tables, grid: np.ndarray):
