@@ -111,10 +111,6 @@ def get_beta_schedule(name: str, num_timesteps: int, zero_terminal_snr: bool = F
   return betas
 
 
-# Reciprocals of sqrt(abar) are floored here so that schedules ending at abar_T = 0 (jsd, zero
-# terminal SNR) give a huge but finite x0 estimate, which clipping then tames, rather than inf/NaN.
-_MIN_ABAR = 1e-12
-
 
 @flax.struct.dataclass
 class DiffusionTables:
@@ -131,8 +127,6 @@ class DiffusionTables:
   sqrt_abar: jnp.ndarray
   sqrt_one_minus_abar: jnp.ndarray
   log_one_minus_abar: jnp.ndarray
-  sqrt_recip_abar: jnp.ndarray           # 1/sqrt(abar)
-  sqrt_recipm1_abar: jnp.ndarray         # sqrt(1/abar - 1)
   snr: jnp.ndarray                       # abar / (1 - abar)
   log_snr: jnp.ndarray
   posterior_variance: jnp.ndarray        # beta_tilde = beta (1 - abar_prev) / (1 - abar)
@@ -155,7 +149,6 @@ def make_tables(betas: np.ndarray, dtype=jnp.float32) -> DiffusionTables:
   alphas = 1.0 - betas
   abar = np.cumprod(alphas)
   abar_prev = np.append(1.0, abar[:-1])
-  safe_abar = np.maximum(abar, _MIN_ABAR)
   one_minus_abar = 1.0 - abar
   post_var = betas * (1.0 - abar_prev) / one_minus_abar
   post_log_var = np.log(np.append(post_var[1], post_var[1:]))
@@ -170,8 +163,6 @@ def make_tables(betas: np.ndarray, dtype=jnp.float32) -> DiffusionTables:
       sqrt_abar=np.sqrt(abar),
       sqrt_one_minus_abar=np.sqrt(one_minus_abar),
       log_one_minus_abar=np.log(one_minus_abar),
-      sqrt_recip_abar=np.sqrt(1.0 / safe_abar),
-      sqrt_recipm1_abar=np.sqrt(1.0 / safe_abar - 1.0),
       snr=abar / one_minus_abar,
       log_snr=log_snr,
       posterior_variance=post_var,
