@@ -27,8 +27,7 @@ from ddpm_jax.core.schedules import DiffusionTables
 MODEL_OUTPUTS = ("eps", "x0", "v")
 
 # 1 / alpha is taken of max(alpha, MIN_ALPHA), so abar = 0 (jsd, zero terminal SNR) gives a huge
-# but finite x0 from eps, which clipping then tames, rather than inf/NaN. It is the square root of
-# the abar floor of `schedules` (1e-12).
+# but finite x0 from eps, which clipping then tames, rather than inf/NaN (an abar floor of 1e-12).
 MIN_ALPHA = 1e-6
 
 
