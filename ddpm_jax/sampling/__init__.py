@@ -14,28 +14,23 @@
 
 Defaults follow the authors: DDPM/DDIM use uniform index spacing, Euler EDM's rho = 7 sigma
 grid, DPM-Solver uniform log-SNR ("logSNR", their advice at low resolution). Heun and EDM's
-stochastic sampler are the exception: on the exact-score mixture test (benchmarks/
-exact_score_samplers.py) Heun on the rho = 7 grid is worse than DDIM up to 35 NFE (W1/floor
-24.3 vs 6.4 at 15, 3.08 vs 3.04 at 35). At 8 points, rho = 7 steps through sigma = 10 -> 0.12,
-where this denoiser switches between the modes, with sigma_{i+1}/sigma_i = 0.30, 0.24, 0.16;
-the trapezoid rule over such ratios is far less accurate than the first-order step, which is
-exact for a constant denoiser. The quadratic grid (DDIM paper, sec. D.2) crosses 3.6 -> 0.28
-at ratios 0.39-0.46, and Heun beats DDIM from 15 NFE on (5.1 vs 6.4). The implementation
-follows EDM Alg. 1 (checked: second order on Gaussian data, error / 4.6-5 per doubling of N).
-Pass grid="karras" for EDM's grid. Every sampler takes any
-grid of `grids.GRIDS`; none builds its own. See `grids` for fractional timesteps.
+stochastic sampler are the exception and take the quadratic grid (DDIM paper, sec. D.2): rho = 7
+crosses the noise levels where a multi-modal denoiser switches modes in large sigma ratios, over
+which the trapezoid rule is far less accurate than the first-order step (which is exact for a
+constant denoiser). README "Configs" has the exact-score measurements behind this choice
+(`benchmarks/exact_score_samplers.py`). The implementation follows EDM Alg. 1 (its order is checked in
+`tests/sampling_exact_score_test.py`). Pass grid="karras" for EDM's grid. Every sampler
+takes any grid of `grids.GRIDS`; none builds its own. See `grids` for fractional timesteps.
 
 The network enters as `model_fn(x_t, t) -> model_out` with t a float32 [B] array of (possibly
 fractional) indices in [0, T-1] and model_out the raw output (C channels, or 2C for learned
 variances). Every sampler is a single `lax.fori_loop`.
 """
 
-import numpy as np
-
 from ddpm_jax.core import diffusion
-from ddpm_jax.sampling import loop
 from ddpm_jax.sampling import dpm_solver
 from ddpm_jax.sampling import grids
+from ddpm_jax.sampling import loop
 from ddpm_jax.sampling import sigma
 from ddpm_jax.sampling import vp
 from ddpm_jax.sampling.grids import GRIDS
@@ -127,8 +122,6 @@ def get_sampler(name: str, tables, *, model_output: str = "eps", model_var: str 
   if name == "ancestral" and grid not in ("uniform", "quadratic", "trailing"):
     raise ValueError(f"The ancestral sampler needs an integer grid (uniform, quadratic or "
                      f"trailing), got {grid!r}.")
-  if name == "ancestral" and model_var in diffusion.LEARNED_VARS:
-    pass  # Respaced (Improved DDPM sec. 4): any K.
   args = (tables, model_output, model_var, bool(clip_x0))
   if name == "ddim":
     make = factory(*args, eta=float(eta))
