@@ -18,9 +18,9 @@ stochastic sampler are the exception and take the quadratic grid (DDIM paper, se
 crosses the noise levels where a multi-modal denoiser switches modes in large sigma ratios, over
 which the trapezoid rule is far less accurate than the first-order step (which is exact for a
 constant denoiser). README "Configs" has the exact-score measurements behind this choice
-(`benchmarks/exact_score_samplers.py`). The implementation follows EDM Alg. 1 (its order is checked in
-`tests/sampling_exact_score_test.py`). Pass grid="karras" for EDM's grid. Every sampler
-takes any grid of `grids.GRIDS`; none builds its own. See `grids` for fractional timesteps.
+(`benchmarks/exact_score_samplers.py`). The implementation follows EDM Alg. 1 (its order is
+checked in `tests/sampling_exact_score_test.py`). Pass grid="karras" for EDM's grid. Every
+sampler takes any grid of `grids.GRIDS`; none builds its own. See `grids` for fractional t.
 
 The network enters as `model_fn(x_t, t) -> model_out` with t a float32 [B] array of (possibly
 fractional) indices in [0, T-1] and model_out the raw output (C channels, or 2C for learned
