@@ -28,7 +28,7 @@ setuptools.setup(
         "matplotlib>=3.9",
         "pillow>=10",
         "tqdm>=4.66",
-        # gs:// workdirs, data_dir, sweep roots and weights (etils.epath and Orbax go through these).
+        # gs:// workdirs, data_dir, sweep roots and weights (etils.epath and Orbax use these).
         "gcsfs>=2025.3,<2027",
         "google-cloud-storage>=2.18,<4",
     ],

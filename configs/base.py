@@ -15,7 +15,8 @@ def get_config() -> ml_collections.ConfigDict:
       image_size=32,
       num_channels=3,
       random_flip=True,         # per-image horizontal flips (DDPM CIFAR-10 setting)
-      data_dir="",              # tfds data_dir ("" = ~/tensorflow_datasets); the image folder for "folder"
+      data_dir="",              # tfds data_dir ("" = ~/tensorflow_datasets);
+                                # the image folder for dataset "folder"
       train_split="train",
       eval_split="test",
       label_key="label",        # record feature with the class (int); "" = unlabelled batches

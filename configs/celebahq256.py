@@ -1,8 +1,11 @@
-"""DDPM on CelebA-HQ at 256x256 (Ho et al. 2020, appendix B): ch_mult (1,1,2,2,4,4), attention at 16.
+"""DDPM on CelebA-HQ at 256x256 (Ho et al. 2020, appendix B).
+
+ch_mult (1,1,2,2,4,4), attention at 16.
 
 The tfds `celeb_a_hq/256` dataset needs manual preparation: follow tfds' instructions
 for celeb_a_hq (download the deltas, place them in the manual dir) and run
-`tfds build celeb_a_hq/256 --file_format=array_record` on a machine with TensorFlow (pip install -e '.[prepare]').
+`tfds build celeb_a_hq/256 --file_format=array_record` on a machine with TensorFlow
+(pip install -e '.[prepare]').
 
   python -m ddpm_jax.main --config=configs/celebahq256.py --workdir=runs/celebahq256 \
       --config.data.data_dir=gs://BUCKET/tensorflow_datasets

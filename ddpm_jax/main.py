@@ -30,7 +30,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config fil
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here.")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"],
-                          "What to run (edit: inpainting / SDEdit, see ddpm_jax/evaluation/drivers.py).")
+                          "What to run (edit: inpainting / SDEdit, see evaluation/drivers.py).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0, for multi-process runs outside TPU pods (with --num_processes and "
@@ -71,6 +71,7 @@ def main(argv):
   init_distributed()
   # Imported after jax.distributed so that nothing touches the backend before it is set up.
   import jax  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.evaluation import drivers  # pylint: disable=g-import-not-at-top
   from ddpm_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
   from ddpm_jax.runtime import logging_lib  # pylint: disable=g-import-not-at-top

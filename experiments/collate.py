@@ -11,7 +11,8 @@ writes to the output directory:
   <sweep>_metrics.png       a bar chart per metric, one bar per point
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import csv
 import dataclasses
 import json
@@ -25,8 +26,8 @@ from etils import epath
 import ml_collections
 import numpy as np
 
-from ddpm_jax.runtime import logging_lib
 from ddpm_jax.core import schedules
+from ddpm_jax.runtime import logging_lib
 
 DONE_MARKER = "sweep_done.json"  # written by the runner when a point's run finishes
 FAILED_MARKER = "sweep_failed.json"  # ... and this one when it fails or stops early

@@ -20,7 +20,10 @@ import time
 
 from etils import epath
 
-from experiments.points import Plan, Point, REPO_ROOT, Sweep
+from experiments.points import REPO_ROOT
+from experiments.points import Plan
+from experiments.points import Point
+from experiments.points import Sweep
 
 LOG_FILE = "train.log"
 TPU_REPO_DIR = "~/ddpm_jax"
@@ -34,7 +37,7 @@ def point_workdir(root: str, sweep: Sweep, point: Point, *, local: bool = True) 
 
 
 def point_command(sweep: Sweep, plan_: Plan, workdir: str, python: str = "python") -> list[str]:
-  """`python -m ddpm_jax.main ...` of a point: training, or `--mode=eval` for a sample-only sweep."""
+  """`python -m ddpm_jax.main ...` of a point: training, or `--mode=eval` (a sample-only sweep)."""
   mode = ["--mode=eval"] if sweep.checkpoint else []
   return [python, "-m", "ddpm_jax.main", *mode, f"--config={sweep.config}",
           f"--workdir={workdir}", *plan_.args]

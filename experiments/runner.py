@@ -4,11 +4,12 @@ A point whose subprocess exits 0 and leaves its final evaluation gets a `sweep_d
 and is skipped from then on; any other point is simply run again, and `train_and_evaluate`
 resumes it from its newest checkpoint. A sample-only sweep (`Sweep.checkpoint`) trains nothing:
 each point links the shared run's checkpoints into its own workdir and runs `--mode=eval` there,
-so its report lands in its own eval/ and the shared run is only read. The results table and plots (`experiments.collate`) are
-written at the end.
+so its report lands in its own eval/ and the shared run is only read. The results table and
+plots (`experiments.collate`) are written at the end.
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import json
 import os
 import sys
@@ -20,7 +21,12 @@ import ml_collections
 
 from experiments import collate
 from experiments import launch as launch_lib
-from experiments.points import Plan, Sweep, SweepError, as_sweep, expand, plan
+from experiments.points import Plan
+from experiments.points import Sweep
+from experiments.points import SweepError
+from experiments.points import as_sweep
+from experiments.points import expand
+from experiments.points import plan
 
 DEFAULT_ROOT = "runs/sweeps"
 DEFAULT_OUT = "experiments/results"

@@ -24,14 +24,33 @@ import signal
 import sys
 
 from experiments import collate  # noqa: F401  (re-exported for callers of this module)
-from experiments.launch import (  # noqa: F401
-    LOG_FILE, launch_point, link_checkpoint, point_command, point_workdir, shell_join,
-    tpu_command)
-from experiments.points import (  # noqa: F401
-    REPO_ROOT, Plan, Point, Sweep, SweepError, _module_from_file, apply_overrides, as_sweep,
-    cli_value, config_from_args, expand, load_sweep, plan)
-from experiments.runner import (  # noqa: F401
-    DEFAULT_OUT, DEFAULT_ROOT, DONE_MARKER, FAILED_MARKER, collate_sweep, run_sweep, unfinished)
+from experiments.launch import LOG_FILE  # noqa: F401
+from experiments.launch import launch_point  # noqa: F401
+from experiments.launch import link_checkpoint  # noqa: F401
+from experiments.launch import point_command  # noqa: F401
+from experiments.launch import point_workdir  # noqa: F401
+from experiments.launch import shell_join  # noqa: F401
+from experiments.launch import tpu_command  # noqa: F401
+from experiments.points import REPO_ROOT  # noqa: F401
+from experiments.points import Plan  # noqa: F401
+from experiments.points import Point  # noqa: F401
+from experiments.points import Sweep  # noqa: F401
+from experiments.points import SweepError  # noqa: F401
+from experiments.points import _module_from_file  # noqa: F401
+from experiments.points import apply_overrides  # noqa: F401
+from experiments.points import as_sweep  # noqa: F401
+from experiments.points import cli_value  # noqa: F401
+from experiments.points import config_from_args  # noqa: F401
+from experiments.points import expand  # noqa: F401
+from experiments.points import load_sweep  # noqa: F401
+from experiments.points import plan  # noqa: F401
+from experiments.runner import DEFAULT_OUT  # noqa: F401
+from experiments.runner import DEFAULT_ROOT  # noqa: F401
+from experiments.runner import DONE_MARKER  # noqa: F401
+from experiments.runner import FAILED_MARKER  # noqa: F401
+from experiments.runner import collate_sweep  # noqa: F401
+from experiments.runner import run_sweep  # noqa: F401
+from experiments.runner import unfinished  # noqa: F401
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

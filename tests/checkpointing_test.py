@@ -15,14 +15,14 @@ import jax
 import numpy as np
 import pytest
 
-import helpers
-
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.evaluation import drivers
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
 from ddpm_jax.training import train
+
+import helpers
 from helpers import checkpoint_entries
 from helpers import restore_state
 from helpers import tiny_config
@@ -55,7 +55,8 @@ def _copy(reference_dir, tmp_path, drop=("15",)) -> str:
 
 
 def _leaves(tree) -> dict:
-  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+  leaves = jax.tree_util.tree_leaves_with_path(tree)
+  return {jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves}
 
 
 def _files(root, pattern):
@@ -150,7 +151,8 @@ def _record(workdir):
                                             ({"optim.grad_clip": 0.0}, "optim.grad_clip"),
                                             ({"diffusion.t_sampling": "importance"},
                                              "diffusion.t_sampling"),
-                                            ({"diffusion.schedule": "cosine"}, "diffusion.schedule")])
+                                            ({"diffusion.schedule": "cosine"},
+                                             "diffusion.schedule")])
 def test_refused_resume_names_the_field_and_keeps_config_json(reference, tmp_path, monkeypatch,
                                                               override, field):
   _, reference_dir = reference
@@ -233,7 +235,8 @@ def test_sample_with_other_param_shapes_names_the_field(reference, tmp_path):
 def test_preemption_checkpoint_never_pushes_out_a_regular_one():
   policy = checkpointing.KeepRegular(2, every=5)
   infos = lambda steps: [types.SimpleNamespace(step=s) for s in steps]
-  keep = lambda steps: [s for s, k in zip(steps, policy.should_preserve(infos(steps), context=None)) if k]
+  keep = lambda steps: [s for s, k in zip(steps, policy.should_preserve(infos(steps), context=None))
+                        if k]
   assert keep([5, 10, 13]) == [5, 10, 13]  # the preemption save is the newest: kept
   assert keep([5, 10, 13, 15]) == [10, 15]  # then the two newest regular ones only
   assert keep([5, 10, 15, 17]) == [10, 15, 17]
@@ -242,9 +245,10 @@ def test_preemption_checkpoint_never_pushes_out_a_regular_one():
 def test_old_per_process_data_item_restores_at_the_global_position(tmp_path, caplog):
   """A checkpoint from before the global data order (grain's process_<i>-of-<n>.json files)
   restores: the state as saved, the data stream at global batch `step`, with a warning."""
+  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
   from ddpm_jax.runtime import train_state as train_state_lib  # pylint: disable=g-import-not-at-top
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
   config = tiny_config()
   state = train_state_lib.create_train_state(config, factories.create_model(config),
                                              mesh_lib.make_mesh())

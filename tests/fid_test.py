@@ -97,9 +97,9 @@ def test_non_finite_sqrtm_falls_back_to_offset(monkeypatch):
     calls.append(a)
     return np.full_like(a, np.nan) if len(calls) == 1 else real_sqrtm(a)
 
-  monkeypatch.setattr(fid, '_sqrtm', flaky_sqrtm)
+  monkeypatch.setattr(fid, "_sqrtm", flaky_sqrtm)
   sigma = np.diag([1.0, 4.0])
-  with pytest.warns(RuntimeWarning, match='not finite'):
+  with pytest.warns(RuntimeWarning, match="not finite"):
     value = fid.frechet_distance(np.zeros(2), sigma, np.ones(2), sigma,
                                  eps=1e-6)
   assert len(calls) == 2
@@ -109,31 +109,31 @@ def test_non_finite_sqrtm_falls_back_to_offset(monkeypatch):
 
 
 def test_large_imaginary_part_raises(monkeypatch):
-  monkeypatch.setattr(fid, '_sqrtm', lambda a: a + 0.5j * np.eye(len(a)))
-  with pytest.raises(ValueError, match='imaginary'):
+  monkeypatch.setattr(fid, "_sqrtm", lambda a: a + 0.5j * np.eye(len(a)))
+  with pytest.raises(ValueError, match="imaginary"):
     fid.frechet_distance(np.zeros(2), np.eye(2), np.zeros(2), np.eye(2))
 
 
 def test_shape_mismatch_raises():
-  with pytest.raises(ValueError, match='shape'):
+  with pytest.raises(ValueError, match="shape"):
     fid.frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
 def test_stats_npz_round_trip(tmp_path):
   rng = np.random.default_rng(5)
   stats = fid.FeatureStats.from_features(rng.normal(size=(50, 6)))
-  path = tmp_path / 'stats.npz'
+  path = tmp_path / "stats.npz"
   stats.save(path)
   loaded = fid.FeatureStats.load(path)
   assert loaded.n == 50
   np.testing.assert_array_equal(loaded.mu, stats.mu)
   np.testing.assert_array_equal(loaded.sigma, stats.sigma)
   # pytorch-fid / TTUR files carry only mu and sigma.
-  np.savez(tmp_path / 'ttur.npz', mu=stats.mu, sigma=stats.sigma)
-  assert fid.FeatureStats.load(tmp_path / 'ttur.npz').n == 0
+  np.savez(tmp_path / "ttur.npz", mu=stats.mu, sigma=stats.sigma)
+  assert fid.FeatureStats.load(tmp_path / "ttur.npz").n == 0
 
 
-@pytest.mark.parametrize('num_classes', [2, 10, 1008])
+@pytest.mark.parametrize("num_classes", [2, 10, 1008])
 def test_inception_score_of_uniform_one_hot_is_num_classes(num_classes):
   labels = np.arange(num_classes * 10) % num_classes
   probs = np.eye(num_classes)[labels]
@@ -165,13 +165,13 @@ def test_extract_features_keeps_every_row_with_one_batch_shape():
 
   def fn(batch):
     seen_shapes.add(batch.shape)
-    return {'double': 2 * batch, 'sum': batch.sum(axis=1)}
+    return {"double": 2 * batch, "sum": batch.sum(axis=1)}
 
   x = np.arange(23 * 3, dtype=np.float32).reshape(23, 3)
   out = fid.extract_features(fn, x, batch_size=5)
   assert seen_shapes == {(5, 3)}
-  np.testing.assert_array_equal(out['double'], 2 * x)
-  np.testing.assert_array_equal(out['sum'], x.sum(axis=1))
+  np.testing.assert_array_equal(out["double"], 2 * x)
+  np.testing.assert_array_equal(out["sum"], x.sum(axis=1))
 
 
 def _on_processes(shares, fn):
@@ -212,7 +212,7 @@ def test_stats_merged_over_processes_equal_one_shot():
     np.testing.assert_allclose(stats.sigma, expected.sigma, rtol=1e-9, atol=1e-9)
 
 
-@pytest.mark.parametrize('num_splits', [1, 7, 10])
+@pytest.mark.parametrize("num_splits", [1, 7, 10])
 def test_inception_score_over_processes_equals_one_process(num_splits):
   logits = np.random.default_rng(1).normal(size=(53, 10)) * 3
   probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)

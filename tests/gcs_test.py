@@ -27,13 +27,14 @@ import numpy as np
 import pytest
 
 from ddpm_jax.runtime import logging_lib
+
+from helpers import REPO_ROOT
+from helpers import TINY
 from helpers import main_command
 from helpers import read_log
-from helpers import REPO_ROOT
 from helpers import restore_state
 from helpers import spawned
 from helpers import subprocess_env
-from helpers import TINY
 from helpers import tiny_config
 
 BUCKET = "ddpm-test"
@@ -218,6 +219,7 @@ def _make_tfds_cifar10(data_dir: str) -> None:
   images) without TensorFlow: tfds' image and text features encode through TF, so these two
   encode with PIL and plain UTF-8."""
   import io  # pylint: disable=g-import-not-at-top
+
   from PIL import Image  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
@@ -269,7 +271,8 @@ else:
   config = tiny_config("cifar10", **{"data.data_dir": data_dir})
 validation.check_batches(config)
 validation.check_data(config)  # opens train and test from data_dir
-print("SIZES", input_pipeline.num_examples(config, "train"), input_pipeline.num_examples(config, "test"))
+print("SIZES", input_pipeline.num_examples(config, "train"),
+      input_pipeline.num_examples(config, "test"))
 if what == "read":
   batch = next(iter(input_pipeline.create_train_iterator(config)))
   print("BATCH", batch["image"].shape, float(batch["image"].min()), float(batch["image"].max()))

@@ -19,12 +19,14 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from ddpm_jax.core import diffusion
 from ddpm_jax import sampling
+from ddpm_jax.core import diffusion
 from ddpm_jax.core import schedules
 
 MU = np.array([0.3, -0.2])
@@ -115,7 +117,8 @@ def test_grid_properties(grid, num_timesteps, num_steps):
 
 
 def test_grid_values():
-  grids, t10, t100, t1000 = sampling.grids, _tables("linear", 10), _tables(), _tables("linear", 1000)
+  grids, t10, t100 = sampling.grids, _tables("linear", 10), _tables()
+  t1000 = _tables("linear", 1000)
   np.testing.assert_array_equal(grids.uniform(t10, 4), [9, 6, 3, 0])
   np.testing.assert_array_equal(grids.uniform(t1000, 5), [999, 749, 500, 250, 0])
   np.testing.assert_array_equal(grids.quadratic(t100, 5), [99, 55, 24, 6, 0])  # floor(99 (i/4)^2)
@@ -263,7 +266,8 @@ def test_sharded_batch_gives_the_same_samples_without_fma():
   proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                          "-k", "test_sharded_batch_gives_the_same_samples["], env=env,
                         capture_output=True, text=True, check=False)
-  assert proc.returncode == 0 and " passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
+  output = proc.stdout[-3000:] + proc.stderr[-2000:]
+  assert proc.returncode == 0 and " passed" in proc.stdout, output
   assert "skipped" not in proc.stdout and "failed" not in proc.stdout, proc.stdout[-3000:]
 
 

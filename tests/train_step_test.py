@@ -16,6 +16,7 @@ from ddpm_jax.data import input_pipeline
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import train_step as train_step_lib
+
 from helpers import tiny_config
 
 

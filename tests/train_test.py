@@ -14,8 +14,6 @@ import jax
 import numpy as np
 from PIL import Image
 import pytest
-
-import helpers
 from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
@@ -27,6 +25,8 @@ from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import train
 from ddpm_jax.training import train_step as train_step_lib
+
+import helpers
 from helpers import checkpoint_entries
 from helpers import read_metrics
 from helpers import restore_state

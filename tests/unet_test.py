@@ -307,6 +307,7 @@ def test_create_model_reads_num_classes():
 
 def test_runs_recorded_before_num_classes_existed_still_resume(tmp_path):
   import json  # pylint: disable=g-import-not-at-top
+
   from ddpm_jax.runtime import run_config  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   old = json.loads(run_config.config_to_json(config))

@@ -6,7 +6,8 @@ calls each factory once per run and hands the objects to the drivers in `Compone
 """
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import ml_collections

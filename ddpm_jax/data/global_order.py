@@ -1,7 +1,8 @@
 """The topology-free training order: which records make global batch k, and the iterator
 whose state is that one global batch count (see `input_pipeline.create_train_iterator`)."""
 
-from typing import Any, Callable
+from typing import Any
+from typing import Callable
 
 from absl import logging
 import grain

@@ -14,7 +14,8 @@ with local_batch = global batch // jax.process_count() (rows p*local_batch.. of 
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any
+from typing import Iterator
 
 from absl import logging
 import grain
@@ -24,8 +25,8 @@ import numpy as np
 from PIL import Image
 
 from ddpm_jax.data import folder_source
-from ddpm_jax.data.digits import load_digits_arrays  # noqa: F401  (also this module's API)
 from ddpm_jax.data import global_order
+from ddpm_jax.data.digits import load_digits_arrays  # noqa: F401  (also this module's API)
 
 _PREPARE_HINT = (
     "On a machine with internet, run `pip install -e '.[prepare]'` and then "

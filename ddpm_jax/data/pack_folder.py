@@ -23,6 +23,7 @@ from PIL import Image
 from ddpm_jax.data import digits
 from ddpm_jax.data import folder_source
 
+
 def pack(src: str, out: str, image_size: int, num_channels: int, shard_size: int = 10_000,
          skip_corrupt: bool = False) -> dict:
   """Packs `src` into `out` (see module docstring); returns the metadata written."""

@@ -32,7 +32,7 @@ def load(run: factories.ClassifierRun | None, mesh, use_ema: bool):
 
 
 def wrap(config, model_fn, tables, module, params, n: int, sampler: str):
-  """`model_fn` guided by the classifier toward `sampling.class_label` (mode chosen by `sampler`)."""
+  """`model_fn` guided by the classifier toward `sampling.class_label` (mode by `sampler`)."""
   d = config.diffusion
   labels = conditioning.labels_for(n, int(config.sampling.class_label), module.num_classes)
   return guidance.classifier_guidance(

@@ -21,8 +21,8 @@ from jax.experimental import multihost_utils
 import numpy as np
 from scipy import special
 
-from ddpm_jax.evaluation import images
 from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import images
 from ddpm_jax.metrics import fid
 from ddpm_jax.metrics import inception
 

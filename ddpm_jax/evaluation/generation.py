@@ -1,9 +1,10 @@
-"""The sampling service shared by both drivers: compiled, sharded samplers and batched drawing.
+"""The sampling service: compiled, sharded samplers and batched drawing.
 
 Every driver draws through it: the train loop (periodic grids, final report), `drivers`
-(`--mode=sample|eval|edit`) and the sweeps; it imports none of them. Samplers run under `jax.jit` with the batch sharded over every
-device (the model input is constrained to the mesh's `data` axis, and XLA partitions the whole
-loop); the noise is drawn at the global shape, so a seed gives the same samples on 1 or N devices.
+(`--mode=sample|eval|edit`) and the sweeps; it imports none of them. Samplers run under
+`jax.jit` with the batch sharded over every device (the model input is constrained to the mesh's
+`data` axis, and XLA partitions the whole loop); the noise is drawn at the global shape, so a
+seed gives the same samples on 1 or N devices.
 """
 
 import jax

@@ -48,7 +48,8 @@ def save_trajectory_figure(path: str, trajectory: dict, num_examples: int = 8) -
   for key in ("x_t", "pred_x0"):
     frames = to_uint8(np.asarray(trajectory[key])[:, :num_examples])  # [K, n, H, W, C]
     k, n = frames.shape[:2]
-    rows.append(make_grid(frames.transpose(1, 0, 2, 3, 4).reshape(n * k, *frames.shape[2:]), ncol=k))
+    by_example = frames.transpose(1, 0, 2, 3, 4).reshape(n * k, *frames.shape[2:])
+    rows.append(make_grid(by_example, ncol=k))
   fig, axes = plt.subplots(2, 1, figsize=(max(4, len(ts) * 0.6), 2 * max(2, num_examples * 0.5)))
   for ax, grid, title in zip(axes, rows, ("x_t", "predicted x_0")):
     ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray")

@@ -14,10 +14,10 @@ import jax
 import numpy as np
 
 from ddpm_jax.config import factories
+from ddpm_jax.core import losses
+from ddpm_jax.data import input_pipeline
 from ddpm_jax.evaluation import fid_eval
 from ddpm_jax.evaluation import generation
-from ddpm_jax.data import input_pipeline
-from ddpm_jax.core import losses
 from ddpm_jax.runtime import mesh as mesh_lib
 
 

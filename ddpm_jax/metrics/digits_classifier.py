@@ -62,11 +62,13 @@ from __future__ import annotations
 import functools
 import os
 import tempfile
-from typing import Any, Callable, Mapping
+from typing import Any
+from typing import Callable
+from typing import Mapping
 
 from absl import logging
-import flax.linen as nn
 from flax import serialization
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -115,12 +117,12 @@ class DigitsClassifier(nn.Module):
   @nn.compact
   def __call__(self, x):
     """Maps [N, 8, 8, 1] floats in [-1, 1] to {'features', 'logits'}."""
-    x = nn.swish(nn.Dense(16, name='conv1')(_patches_3x3(x)))
-    x = nn.swish(nn.Dense(32, name='conv2')(_patches_3x3(x, stride=2)))
+    x = nn.swish(nn.Dense(16, name="conv1")(_patches_3x3(x)))
+    x = nn.swish(nn.Dense(32, name="conv2")(_patches_3x3(x, stride=2)))
     x = x.reshape(x.shape[0], -1)
-    features = nn.swish(nn.Dense(self.feature_dim, name='feature')(x))
-    logits = nn.Dense(self.num_classes, name='head')(features)
-    return {'features': features, 'logits': logits}
+    features = nn.swish(nn.Dense(self.feature_dim, name="feature")(x))
+    logits = nn.Dense(self.num_classes, name="head")(features)
+    return {"features": features, "logits": logits}
 
 
 def to_uint8(samples) -> np.ndarray:
@@ -133,14 +135,14 @@ def to_uint8(samples) -> np.ndarray:
   if x.ndim == 3:
     x = x[..., None]
   if x.ndim != 4 or x.shape[1:] != (8, 8, 1):
-    raise ValueError(f'Expected digits [N, 8, 8, 1], got {x.shape}.')
+    raise ValueError(f"Expected digits [N, 8, 8, 1], got {x.shape}.")
   if x.dtype == np.uint8:
     return x
   if not np.issubdtype(x.dtype, np.floating):
-    raise ValueError(f'Expected uint8 or float samples, got {x.dtype}.')
+    raise ValueError(f"Expected uint8 or float samples, got {x.dtype}.")
   if not np.isfinite(x).all():
     # A diverged sampler must not pass as black images.
-    raise ValueError('Samples contain NaN or inf.')
+    raise ValueError("Samples contain NaN or inf.")
   return np.clip(np.round((x.astype(np.float64) + 1.0) * 127.5), 0,
                  255).astype(np.uint8)
 
@@ -181,7 +183,7 @@ def _shift_augment(rng, x):
   return jax.vmap(crop)(padded, offsets)
 
 
-@functools.partial(jax.jit, static_argnames=('num_steps', 'batch_size'))
+@functools.partial(jax.jit, static_argnames=("num_steps", "batch_size"))
 def _train(rng, images, labels, num_steps: int, batch_size: int):
   """Minimises ``E[-log softmax(f(x))_y]`` with AdamW in one ``fori_loop``.
 
@@ -190,13 +192,13 @@ def _train(rng, images, labels, num_steps: int, batch_size: int):
   """
   model = DigitsClassifier()
   init_rng, loop_rng = jax.random.split(rng)
-  params = model.init(init_rng, images[:1])['params']
+  params = model.init(init_rng, images[:1])["params"]
   tx = optax.adamw(
       optax.warmup_cosine_decay_schedule(0.0, _LEARNING_RATE, num_steps // 20,
                                          num_steps), weight_decay=1e-4)
 
   def loss_fn(p, x, y):
-    logits = model.apply({'params': p}, x)['logits']
+    logits = model.apply({"params": p}, x)["logits"]
     return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
   def step(i, carry):
@@ -210,7 +212,7 @@ def _train(rng, images, labels, num_steps: int, batch_size: int):
     return optax.apply_updates(p, updates), opt_state
 
   params, _ = jax.lax.fori_loop(0, num_steps, step, (params, tx.init(params)))
-  return {'params': params}
+  return {"params": params}
 
 
 def train_digits_classifier(seed: int = 0) -> tuple[Variables, float]:
@@ -222,20 +224,20 @@ def train_digits_classifier(seed: int = 0) -> tuple[Variables, float]:
   Returns:
     ``(variables, test_accuracy)``, the accuracy on the 360 held-out images.
   """
-  train_x, train_y = load_digits_arrays('train')
+  train_x, train_y = load_digits_arrays("train")
   variables = _train(jax.random.key(seed), _to_model_input(train_x),
                      jnp.asarray(train_y, jnp.int32), num_steps=_NUM_STEPS,
                      batch_size=_BATCH_SIZE)
   variables = jax.tree.map(np.asarray, variables)
-  test_x, test_y = load_digits_arrays('test')
-  logits = digits_features(variables, test_x)['logits']
+  test_x, test_y = load_digits_arrays("test")
+  logits = digits_features(variables, test_x)["logits"]
   accuracy = float(np.mean(np.argmax(logits, axis=-1) == test_y))
   return variables, accuracy
 
 
 def _cache_path(cache_dir: str | os.PathLike, seed: int) -> str:
   return os.path.join(
-      cache_dir, f'digits_classifier_v{_CACHE_VERSION}_seed{seed}.msgpack')
+      cache_dir, f"digits_classifier_v{_CACHE_VERSION}_seed{seed}.msgpack")
 
 
 def _matches_architecture(variables) -> bool:
@@ -265,22 +267,22 @@ def get_digits_classifier(cache_dir: str | os.PathLike,
   """
   path = _cache_path(cache_dir, seed)
   if os.path.exists(path):
-    with open(path, 'rb') as f:
+    with open(path, "rb") as f:
       state = serialization.msgpack_restore(f.read())
-    if _matches_architecture(state.get('variables')):
-      return state['variables'], float(state['test_accuracy'])
-    logging.warning('Digits classifier cache %s does not match the network; '
-                    'retraining.', path)
+    if _matches_architecture(state.get("variables")):
+      return state["variables"], float(state["test_accuracy"])
+    logging.warning("Digits classifier cache %s does not match the network; "
+                    "retraining.", path)
 
   variables, accuracy = train_digits_classifier(seed)
   os.makedirs(cache_dir, exist_ok=True)
   payload = serialization.msgpack_serialize(
-      {'variables': variables, 'test_accuracy': np.float64(accuracy)})
-  fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix='.tmp')
-  with os.fdopen(fd, 'wb') as f:
+      {"variables": variables, "test_accuracy": np.float64(accuracy)})
+  fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+  with os.fdopen(fd, "wb") as f:
     f.write(payload)
   os.replace(tmp, path)
-  logging.info('Digits classifier: test accuracy %.4f, cached at %s.',
+  logging.info("Digits classifier: test accuracy %.4f, cached at %s.",
                accuracy, path)
   return variables, accuracy
 
@@ -319,43 +321,43 @@ def digits_score(samples, cache_dir: str | os.PathLike, seed: int = 0,
       'classifier_test_accuracy': held-out accuracy of the classifier.
   """
   if num_splits < 1:
-    raise ValueError(f'num_splits must be >= 1, got {num_splits}.')
+    raise ValueError(f"num_splits must be >= 1, got {num_splits}.")
   variables, accuracy = get_digits_classifier(cache_dir, seed)
   out = digits_features(variables, samples)
-  if len(out['features']) < 2:
-    raise ValueError('digits_score needs at least 2 samples for a covariance.')
-  held_out = digits_features(variables, load_digits_arrays('test')[0])
+  if len(out["features"]) < 2:
+    raise ValueError("digits_score needs at least 2 samples for a covariance.")
+  held_out = digits_features(variables, load_digits_arrays("test")[0])
   train_features = digits_features(variables,
-                                   load_digits_arrays('train')[0])['features']
-  half = len(held_out['features']) // 2
-  n = min(len(out['features']), half)
+                                   load_digits_arrays("train")[0])["features"]
+  half = len(held_out["features"]) // 2
+  n = min(len(out["features"]), half)
   rng = np.random.default_rng(seed)
   fd_samples, fd_floor, fd_train = [], [], []
   for _ in range(num_splits):
-    order = rng.permutation(len(held_out['features']))
+    order = rng.permutation(len(held_out["features"]))
     reference = fid.FeatureStats.from_features(
-        held_out['features'][order[:half]])
+        held_out["features"][order[:half]])
     floor = fid.FeatureStats.from_features(
-        held_out['features'][order[half:half + n]])
-    subset = rng.choice(len(out['features']), n, replace=False)
-    sample_stats = fid.FeatureStats.from_features(out['features'][subset])
+        held_out["features"][order[half:half + n]])
+    subset = rng.choice(len(out["features"]), n, replace=False)
+    sample_stats = fid.FeatureStats.from_features(out["features"][subset])
     fd_samples.append(fid.frechet_distance_from_stats(reference, sample_stats))
     fd_floor.append(fid.frechet_distance_from_stats(reference, floor))
     train_stats = fid.FeatureStats.from_features(
         train_features[rng.choice(len(train_features), n, replace=False)])
     fd_train.append(fid.frechet_distance_from_stats(reference, train_stats))
-  is_mean, _ = fid.inception_score(out['logits'], num_splits=1,
+  is_mean, _ = fid.inception_score(out["logits"], num_splits=1,
                                    is_probs=False)
-  predicted = np.argmax(out['logits'], axis=-1)
+  predicted = np.argmax(out["logits"], axis=-1)
   return {
-      'frechet_distance': float(np.mean(fd_samples)),
-      'frechet_distance_floor': float(np.mean(fd_floor)),
-      'frechet_distance_train_real': float(np.mean(fd_train)),
-      'fd_num_images': n,
-      'inception_score': is_mean,
-      'mean_confidence': _mean_confidence(out['logits']),
-      'mean_confidence_real': _mean_confidence(held_out['logits']),
-      'class_histogram':
+      "frechet_distance": float(np.mean(fd_samples)),
+      "frechet_distance_floor": float(np.mean(fd_floor)),
+      "frechet_distance_train_real": float(np.mean(fd_train)),
+      "fd_num_images": n,
+      "inception_score": is_mean,
+      "mean_confidence": _mean_confidence(out["logits"]),
+      "mean_confidence_real": _mean_confidence(held_out["logits"]),
+      "class_histogram":
           np.bincount(predicted, minlength=NUM_CLASSES).tolist(),
-      'classifier_test_accuracy': accuracy,
+      "classifier_test_accuracy": accuracy,
   }

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Mapping
+from typing import Any
+from typing import Callable
+from typing import Mapping
 import warnings
 
 import numpy as np
@@ -61,13 +63,13 @@ class FeatureStats:
   def load(cls, path: str | os.PathLike) -> FeatureStats:
     """Reads an ``.npz`` with ``mu`` and ``sigma`` (``n`` optional)."""
     with np.load(path) as data:
-      mu = np.asarray(data['mu'], np.float64)
-      sigma = np.asarray(data['sigma'], np.float64)
-      n = int(data['n']) if 'n' in data.files else 0
+      mu = np.asarray(data["mu"], np.float64)
+      sigma = np.asarray(data["sigma"], np.float64)
+      n = int(data["n"]) if "n" in data.files else 0
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
       raise ValueError(
-          f'{path}: expected mu [D] and sigma [D, D], got {mu.shape} and '
-          f'{sigma.shape}.')
+          f"{path}: expected mu [D] and sigma [D, D], got {mu.shape} and "
+          f"{sigma.shape}.")
     return cls(mu=mu, sigma=sigma, n=n)
 
 
@@ -97,7 +99,7 @@ class FeatureStatsAccumulator:
     """Adds a [B, D] batch of features (any float dtype, B may be 0)."""
     x = np.asarray(feats, dtype=np.float64)
     if x.ndim != 2:
-      raise ValueError(f'Expected features of shape [B, D], got {x.shape}.')
+      raise ValueError(f"Expected features of shape [B, D], got {x.shape}.")
     if x.shape[0] == 0:
       return
     if self._shift is None:
@@ -107,7 +109,7 @@ class FeatureStatsAccumulator:
       self._s2 = np.zeros((dim, dim), np.float64)
     elif x.shape[1] != self._shift.shape[0]:
       raise ValueError(
-          f'Feature dim changed from {self._shift.shape[0]} to {x.shape[1]}.')
+          f"Feature dim changed from {self._shift.shape[0]} to {x.shape[1]}.")
     xc = x - self._shift
     self._n += x.shape[0]
     self._s1 += xc.sum(axis=0)
@@ -128,7 +130,7 @@ class FeatureStatsAccumulator:
     first = reduce_sum(np.concatenate([[float(self._n)], self._n * shift + s1]))
     n = int(round(first[0]))
     if n < 2:
-      raise ValueError(f'Need at least 2 feature vectors, got {n}.')
+      raise ValueError(f"Need at least 2 feature vectors, got {n}.")
     mean = first[1:] / n
     d = mean - shift
     s2 = np.zeros((dim, dim)) if self._s2 is None else self._s2
@@ -141,13 +143,13 @@ class FeatureStatsAccumulator:
     has = 0.0 if self._shift is None else 1.0
     total = reduce_sum(np.array([has, has * (0 if self._shift is None else len(self._shift))]))
     if total[0] == 0:
-      raise ValueError('Need at least 2 feature vectors, got 0.')
+      raise ValueError("Need at least 2 feature vectors, got 0.")
     return int(round(total[1] / total[0]))
 
   def result(self) -> FeatureStats:
     """The statistics of everything added so far (needs n >= 2)."""
     if self._n < 2:
-      raise ValueError(f'Need at least 2 feature vectors, got {self._n}.')
+      raise ValueError(f"Need at least 2 feature vectors, got {self._n}.")
     n = self._n
     mean_c = self._s1 / n
     sigma = (self._s2 - n * np.outer(mean_c, mean_c)) / (n - 1)
@@ -186,18 +188,18 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
   sigma1 = np.atleast_2d(np.asarray(sigma1, np.float64))
   sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
   if mu1.shape != mu2.shape:
-    raise ValueError(f'Mean shapes differ: {mu1.shape} vs {mu2.shape}.')
+    raise ValueError(f"Mean shapes differ: {mu1.shape} vs {mu2.shape}.")
   if sigma1.shape != sigma2.shape or sigma1.shape != mu1.shape * 2:
     raise ValueError(
-        f'Covariance shapes {sigma1.shape}, {sigma2.shape} do not match mean '
-        f'shape {mu1.shape}.')
+        f"Covariance shapes {sigma1.shape}, {sigma2.shape} do not match mean "
+        f"shape {mu1.shape}.")
 
   diff = mu1 - mu2
   covmean = _sqrtm(sigma1 @ sigma2)
   if not np.isfinite(covmean).all():
     warnings.warn(
-        f'frechet_distance: sqrtm(S1 S2) is not finite (singular product); '
-        f'adding {eps} to the covariance diagonals.', RuntimeWarning,
+        f"frechet_distance: sqrtm(S1 S2) is not finite (singular product); "
+        f"adding {eps} to the covariance diagonals.", RuntimeWarning,
         stacklevel=2)
     offset = np.eye(sigma1.shape[0]) * eps
     covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
@@ -209,7 +211,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
     max_imag = np.max(np.abs(np.diagonal(covmean).imag))
     if max_imag > imag_atol:
       raise ValueError(
-          f'frechet_distance: imaginary component {max_imag} in sqrtm(S1 S2).')
+          f"frechet_distance: imaginary component {max_imag} in sqrtm(S1 S2).")
     covmean = covmean.real
 
   tr_covmean = np.trace(covmean)
@@ -233,7 +235,7 @@ def _sqrtm(a: np.ndarray) -> np.ndarray:
   is what acts on a singular product, so the warning is dropped here.
   """
   with warnings.catch_warnings():
-    warnings.simplefilter('ignore', linalg.LinAlgWarning)
+    warnings.simplefilter("ignore", linalg.LinAlgWarning)
     return linalg.sqrtm(a)
 
 
@@ -259,10 +261,10 @@ def inception_score(logits_or_probs, num_splits: int = 10,
   """
   x = np.asarray(logits_or_probs, np.float64)
   if x.ndim != 2:
-    raise ValueError(f'Expected [N, K] predictions, got shape {x.shape}.')
+    raise ValueError(f"Expected [N, K] predictions, got shape {x.shape}.")
   n = x.shape[0]
   if not 1 <= num_splits <= n:
-    raise ValueError(f'num_splits must be in [1, {n}], got {num_splits}.')
+    raise ValueError(f"num_splits must be in [1, {n}], got {num_splits}.")
   if is_probs is None:
     is_probs = bool((x >= 0).all() and np.allclose(x.sum(axis=1), 1.0,
                                                    atol=1e-4))
@@ -286,10 +288,10 @@ def inception_score_of_share(probs, offset: int, total: int, num_splits: int = 1
   """
   probs = np.asarray(probs, np.float64).reshape(-1, np.shape(probs)[-1])
   if not 1 <= num_splits <= total:
-    raise ValueError(f'num_splits must be in [1, {total}], got {num_splits}.')
+    raise ValueError(f"num_splits must be in [1, {total}], got {num_splits}.")
   bounds = [k * total // num_splits for k in range(num_splits + 1)]
   rows = np.arange(offset, offset + probs.shape[0])
-  part_of = np.searchsorted(bounds, rows, side='right') - 1  # the part each local row is in
+  part_of = np.searchsorted(bounds, rows, side="right") - 1  # the part each local row is in
   sizes = np.diff(bounds).astype(np.float64)
   prob_sums = np.zeros((num_splits, probs.shape[1]))
   np.add.at(prob_sums, part_of, probs)
@@ -321,7 +323,7 @@ def extract_features(fn: Callable[[Any], Mapping[str, Any]], images,
   """
   images = np.asarray(images)
   if images.shape[0] == 0:
-    raise ValueError('extract_features needs at least one image.')
+    raise ValueError("extract_features needs at least one image.")
   outputs: dict[str, list[np.ndarray]] = {}
   for start in range(0, images.shape[0], batch_size):
     batch = images[start:start + batch_size]

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any, Callable, Mapping
+from typing import Any
+from typing import Callable
+from typing import Mapping
 
-import flax.linen as nn
 from flax import traverse_util
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -74,8 +76,8 @@ class BasicConv2d(nn.Module):
     ph, pw = self.padding
     x = nn.Conv(self.features, self.kernel_size, strides=self.strides,
                 padding=((ph, ph), (pw, pw)), use_bias=False,
-                precision=_PRECISION, name='conv')(x)
-    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name='bn')(x)
+                precision=_PRECISION, name="conv")(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=1e-3, name="bn")(x)
     return nn.relu(x)
 
 
@@ -86,7 +88,7 @@ def _avg_pool_valid(x):
 
 
 def _max_pool_3x3_s2(x):
-  return nn.max_pool(x, (3, 3), strides=(2, 2), padding='VALID')
+  return nn.max_pool(x, (3, 3), strides=(2, 2), padding="VALID")
 
 
 class InceptionA(nn.Module):
@@ -96,14 +98,14 @@ class InceptionA(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b1 = BasicConv2d(64, (1, 1), name='branch1x1')(x)
-    b5 = BasicConv2d(48, (1, 1), name='branch5x5_1')(x)
-    b5 = BasicConv2d(64, (5, 5), padding=(2, 2), name='branch5x5_2')(b5)
-    b3 = BasicConv2d(64, (1, 1), name='branch3x3dbl_1')(x)
-    b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(b3)
-    b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name='branch3x3dbl_3')(b3)
+    b1 = BasicConv2d(64, (1, 1), name="branch1x1")(x)
+    b5 = BasicConv2d(48, (1, 1), name="branch5x5_1")(x)
+    b5 = BasicConv2d(64, (5, 5), padding=(2, 2), name="branch5x5_2")(b5)
+    b3 = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
+    b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(b3)
+    b3 = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_3")(b3)
     bp = BasicConv2d(self.pool_features, (1, 1),
-                     name='branch_pool')(_avg_pool_valid(x))
+                     name="branch_pool")(_avg_pool_valid(x))
     return jnp.concatenate([b1, b5, b3, bp], axis=-1)
 
 
@@ -112,10 +114,10 @@ class InceptionB(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b3 = BasicConv2d(384, (3, 3), strides=(2, 2), name='branch3x3')(x)
-    bd = BasicConv2d(64, (1, 1), name='branch3x3dbl_1')(x)
-    bd = BasicConv2d(96, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
-    bd = BasicConv2d(96, (3, 3), strides=(2, 2), name='branch3x3dbl_3')(bd)
+    b3 = BasicConv2d(384, (3, 3), strides=(2, 2), name="branch3x3")(x)
+    bd = BasicConv2d(64, (1, 1), name="branch3x3dbl_1")(x)
+    bd = BasicConv2d(96, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
+    bd = BasicConv2d(96, (3, 3), strides=(2, 2), name="branch3x3dbl_3")(bd)
     return jnp.concatenate([b3, bd, _max_pool_3x3_s2(x)], axis=-1)
 
 
@@ -127,16 +129,16 @@ class InceptionC(nn.Module):
   @nn.compact
   def __call__(self, x):
     c7 = self.channels_7x7
-    b1 = BasicConv2d(192, (1, 1), name='branch1x1')(x)
-    b7 = BasicConv2d(c7, (1, 1), name='branch7x7_1')(x)
-    b7 = BasicConv2d(c7, (1, 7), padding=(0, 3), name='branch7x7_2')(b7)
-    b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name='branch7x7_3')(b7)
-    bd = BasicConv2d(c7, (1, 1), name='branch7x7dbl_1')(x)
-    bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_2')(bd)
-    bd = BasicConv2d(c7, (1, 7), padding=(0, 3), name='branch7x7dbl_3')(bd)
-    bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name='branch7x7dbl_4')(bd)
-    bd = BasicConv2d(192, (1, 7), padding=(0, 3), name='branch7x7dbl_5')(bd)
-    bp = BasicConv2d(192, (1, 1), name='branch_pool')(_avg_pool_valid(x))
+    b1 = BasicConv2d(192, (1, 1), name="branch1x1")(x)
+    b7 = BasicConv2d(c7, (1, 1), name="branch7x7_1")(x)
+    b7 = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7_2")(b7)
+    b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7_3")(b7)
+    bd = BasicConv2d(c7, (1, 1), name="branch7x7dbl_1")(x)
+    bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_2")(bd)
+    bd = BasicConv2d(c7, (1, 7), padding=(0, 3), name="branch7x7dbl_3")(bd)
+    bd = BasicConv2d(c7, (7, 1), padding=(3, 0), name="branch7x7dbl_4")(bd)
+    bd = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7dbl_5")(bd)
+    bp = BasicConv2d(192, (1, 1), name="branch_pool")(_avg_pool_valid(x))
     return jnp.concatenate([b1, b7, bd, bp], axis=-1)
 
 
@@ -145,12 +147,12 @@ class InceptionD(nn.Module):
 
   @nn.compact
   def __call__(self, x):
-    b3 = BasicConv2d(192, (1, 1), name='branch3x3_1')(x)
-    b3 = BasicConv2d(320, (3, 3), strides=(2, 2), name='branch3x3_2')(b3)
-    b7 = BasicConv2d(192, (1, 1), name='branch7x7x3_1')(x)
-    b7 = BasicConv2d(192, (1, 7), padding=(0, 3), name='branch7x7x3_2')(b7)
-    b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name='branch7x7x3_3')(b7)
-    b7 = BasicConv2d(192, (3, 3), strides=(2, 2), name='branch7x7x3_4')(b7)
+    b3 = BasicConv2d(192, (1, 1), name="branch3x3_1")(x)
+    b3 = BasicConv2d(320, (3, 3), strides=(2, 2), name="branch3x3_2")(b3)
+    b7 = BasicConv2d(192, (1, 1), name="branch7x7x3_1")(x)
+    b7 = BasicConv2d(192, (1, 7), padding=(0, 3), name="branch7x7x3_2")(b7)
+    b7 = BasicConv2d(192, (7, 1), padding=(3, 0), name="branch7x7x3_3")(b7)
+    b7 = BasicConv2d(192, (3, 3), strides=(2, 2), name="branch7x7x3_4")(b7)
     return jnp.concatenate([b3, b7, _max_pool_3x3_s2(x)], axis=-1)
 
 
@@ -161,32 +163,32 @@ class InceptionE(nn.Module):
     pool: 'avg' (``Mixed_7b``) or 'max' (``Mixed_7c``, the FID graph's quirk).
   """
 
-  pool: str = 'avg'
+  pool: str = "avg"
 
   @nn.compact
   def __call__(self, x):
-    b1 = BasicConv2d(320, (1, 1), name='branch1x1')(x)
-    b3 = BasicConv2d(384, (1, 1), name='branch3x3_1')(x)
+    b1 = BasicConv2d(320, (1, 1), name="branch1x1")(x)
+    b3 = BasicConv2d(384, (1, 1), name="branch3x3_1")(x)
     b3 = jnp.concatenate([
-        BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3_2a')(b3),
-        BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3_2b')(b3),
+        BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3_2a")(b3),
+        BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3_2b")(b3),
     ], axis=-1)
-    bd = BasicConv2d(448, (1, 1), name='branch3x3dbl_1')(x)
-    bd = BasicConv2d(384, (3, 3), padding=(1, 1), name='branch3x3dbl_2')(bd)
+    bd = BasicConv2d(448, (1, 1), name="branch3x3dbl_1")(x)
+    bd = BasicConv2d(384, (3, 3), padding=(1, 1), name="branch3x3dbl_2")(bd)
     bd = jnp.concatenate([
-        BasicConv2d(384, (1, 3), padding=(0, 1), name='branch3x3dbl_3a')(bd),
-        BasicConv2d(384, (3, 1), padding=(1, 0), name='branch3x3dbl_3b')(bd),
+        BasicConv2d(384, (1, 3), padding=(0, 1), name="branch3x3dbl_3a")(bd),
+        BasicConv2d(384, (3, 1), padding=(1, 0), name="branch3x3dbl_3b")(bd),
     ], axis=-1)
     match self.pool:
-      case 'avg':
+      case "avg":
         pooled = _avg_pool_valid(x)
-      case 'max':
+      case "max":
         # Max-pool pads with -inf, so the padding never wins (torch/TF agree).
         pooled = nn.max_pool(x, (3, 3), strides=(1, 1),
                              padding=((1, 1), (1, 1)))
       case _:
         raise ValueError(f"Unknown pool {self.pool!r}; expected 'avg'/'max'.")
-    bp = BasicConv2d(192, (1, 1), name='branch_pool')(pooled)
+    bp = BasicConv2d(192, (1, 1), name="branch_pool")(pooled)
     return jnp.concatenate([b1, b3, bd, bp], axis=-1)
 
 
@@ -208,29 +210,29 @@ class InceptionV3(nn.Module):
   @nn.compact
   def features(self, x):
     """Returns ``{'pool3': [N, 2048], 'logits': [N, num_classes]}``."""
-    x = BasicConv2d(32, (3, 3), strides=(2, 2), name='Conv2d_1a_3x3')(x)
-    x = BasicConv2d(32, (3, 3), name='Conv2d_2a_3x3')(x)
-    x = BasicConv2d(64, (3, 3), padding=(1, 1), name='Conv2d_2b_3x3')(x)
+    x = BasicConv2d(32, (3, 3), strides=(2, 2), name="Conv2d_1a_3x3")(x)
+    x = BasicConv2d(32, (3, 3), name="Conv2d_2a_3x3")(x)
+    x = BasicConv2d(64, (3, 3), padding=(1, 1), name="Conv2d_2b_3x3")(x)
     x = _max_pool_3x3_s2(x)
-    x = BasicConv2d(80, (1, 1), name='Conv2d_3b_1x1')(x)
-    x = BasicConv2d(192, (3, 3), name='Conv2d_4a_3x3')(x)
+    x = BasicConv2d(80, (1, 1), name="Conv2d_3b_1x1")(x)
+    x = BasicConv2d(192, (3, 3), name="Conv2d_4a_3x3")(x)
     x = _max_pool_3x3_s2(x)
-    x = InceptionA(32, name='Mixed_5b')(x)
-    x = InceptionA(64, name='Mixed_5c')(x)
-    x = InceptionA(64, name='Mixed_5d')(x)
-    x = InceptionB(name='Mixed_6a')(x)
-    x = InceptionC(128, name='Mixed_6b')(x)
-    x = InceptionC(160, name='Mixed_6c')(x)
-    x = InceptionC(160, name='Mixed_6d')(x)
-    x = InceptionC(192, name='Mixed_6e')(x)
-    x = InceptionD(name='Mixed_7a')(x)
-    x = InceptionE('avg', name='Mixed_7b')(x)
-    x = InceptionE('max', name='Mixed_7c')(x)
+    x = InceptionA(32, name="Mixed_5b")(x)
+    x = InceptionA(64, name="Mixed_5c")(x)
+    x = InceptionA(64, name="Mixed_5d")(x)
+    x = InceptionB(name="Mixed_6a")(x)
+    x = InceptionC(128, name="Mixed_6b")(x)
+    x = InceptionC(160, name="Mixed_6c")(x)
+    x = InceptionC(160, name="Mixed_6d")(x)
+    x = InceptionC(192, name="Mixed_6e")(x)
+    x = InceptionD(name="Mixed_7a")(x)
+    x = InceptionE("avg", name="Mixed_7b")(x)
+    x = InceptionE("max", name="Mixed_7c")(x)
     pool3 = jnp.mean(x, axis=(1, 2))
     # Dropout sits here in training graphs; inference skips it.
     logits = nn.Dense(self.num_classes, precision=_PRECISION,
-                      name='fc')(pool3)
-    return {'pool3': pool3, 'logits': logits}
+                      name="fc")(pool3)
+    return {"pool3": pool3, "logits": logits}
 
 
 def preprocess(images) -> jax.Array:
@@ -242,12 +244,12 @@ def preprocess(images) -> jax.Array:
   """
   x = jnp.asarray(images, jnp.float32)
   if x.ndim != 4 or x.shape[-1] != 3:
-    raise ValueError(f'Expected images [N, H, W, 3], got {x.shape}.')
+    raise ValueError(f"Expected images [N, H, W, 3], got {x.shape}.")
   if x.shape[1:3] != (INPUT_SIZE, INPUT_SIZE):
     # antialias=False: a plain bilinear tap like pytorch-fid; jax's default
     # would low-pass filter when downsampling and shift FID for large inputs.
     x = jax.image.resize(x, (x.shape[0], INPUT_SIZE, INPUT_SIZE, 3),
-                         method='bilinear', antialias=False)
+                         method="bilinear", antialias=False)
   return x / 127.5 - 1.0
 
 
@@ -264,9 +266,9 @@ def _flatten(variables: Variables) -> dict[str, tuple[str, Any]]:
   """'/'-joined path (collection dropped) -> (collection, leaf)."""
   flat = {}
   for collection, tree in variables.items():
-    for path, leaf in traverse_util.flatten_dict(tree, sep='/').items():
+    for path, leaf in traverse_util.flatten_dict(tree, sep="/").items():
       if path in flat:
-        raise ValueError(f'Variable {path!r} appears in two collections.')
+        raise ValueError(f"Variable {path!r} appears in two collections.")
       flat[path] = (collection, leaf)
   return flat
 
@@ -304,23 +306,23 @@ def load_inception_params(path: str | os.PathLike,
   missing = sorted(set(expected) - set(arrays))
   unused = sorted(set(arrays) - set(expected))
   mismatched = sorted(
-      f'{k}: file {arrays[k].shape} vs expected {tuple(expected[k][1].shape)}'
+      f"{k}: file {arrays[k].shape} vs expected {tuple(expected[k][1].shape)}"
       for k in set(arrays) & set(expected)
       if arrays[k].shape != tuple(expected[k][1].shape))
   if missing or unused or mismatched:
     problems = []
-    for title, names in (('missing', missing), ('unused', unused),
-                         ('shape mismatch', mismatched)):
+    for title, names in (("missing", missing), ("unused", unused),
+                         ("shape mismatch", mismatched)):
       if names:
-        problems.append(f'{title} ({len(names)}): ' + ', '.join(names))
-    raise ValueError(f'Inception weights {os.fspath(path)!r} do not match the '
-                     'network; ' + '; '.join(problems))
+        problems.append(f"{title} ({len(names)}): " + ", ".join(names))
+    raise ValueError(f"Inception weights {os.fspath(path)!r} do not match the "
+                     "network; " + "; ".join(problems))
 
   nested: dict[str, dict[str, Any]] = {}
   for key, (collection, ref) in expected.items():
     nested.setdefault(collection, {})[key] = jnp.asarray(arrays[key],
                                                          ref.dtype)
-  return {c: traverse_util.unflatten_dict(tree, sep='/')
+  return {c: traverse_util.unflatten_dict(tree, sep="/")
           for c, tree in nested.items()}
 
 

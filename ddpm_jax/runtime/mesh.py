@@ -1,8 +1,10 @@
-"""The device mesh: one `data` axis over every device of every host, and moving batches on and off it."""
+"""The device mesh: one `data` axis over every device of every host; batches on and off it."""
 
 import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 
 AXIS = "data"

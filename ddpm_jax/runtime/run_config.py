@@ -19,7 +19,6 @@ from absl import logging
 from etils import epath
 import ml_collections
 
-
 # Fields that change the params' shapes (model.dropout and model.dtype do not).
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
 _ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels", "training.objective")

@@ -93,9 +93,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   Args:
     config: an experiment config (see configs/base.py).
-    workdir: checkpoints, TensorBoard events, metrics/ (one file per run segment) and sample grids go here. An existing
-      workdir is resumed from its newest checkpoint that restores (see `checkpointing`), after
-      its config is checked against this one (see `run_config`).
+    workdir: checkpoints, TensorBoard events, metrics/ (one file per run segment) and sample
+      grids go here. An existing workdir is resumed from its newest checkpoint that restores
+      (see `checkpointing`), after its config is checked against this one (see `run_config`).
     sigterm: the flag of a SIGTERM handler installed at start-up (main.py's), so that a SIGTERM
       before the loop counts as a preemption; without it the loop installs its own handler.
   """

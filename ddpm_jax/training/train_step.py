@@ -19,12 +19,14 @@ from collections.abc import Callable
 import jax
 from jax import lax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import optax
 
 from ddpm_jax.core import losses
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.runtime.mesh import AXIS
+
 
 def all_finite(*trees) -> jnp.ndarray:
   """One bool: every leaf of every tree is finite (no NaN, no +-inf)."""

@@ -7,8 +7,9 @@ checkpoint:
   python -m ddpm_jax.main --config=configs/digits.py --workdir=runs/digits   # once, if needed
   python -m experiments.sweep --sweep=digits_samplers [--checkpoint=runs/digits]
 
-NFE is honest: Heun and EDM's stochastic sampler take N grid points for 2N - 1 model calls (`sampling.nfe`), so its points use
-N = (NFE + 1) // 2 and the table reports the calls actually made (`sampler_nfe`, 5, 9, 19, 49, 99).
+NFE is honest: Heun and EDM's stochastic sampler take N grid points for 2N - 1 model calls
+(`sampling.nfe`), so its points use N = (NFE + 1) // 2 and the table reports the calls actually
+made (`sampler_nfe`, 5, 9, 19, 49, 99).
 Every point scores 500 samples, the quickstart's number, so the samples are drawn exactly as the
 quickstart draws them.
 """
