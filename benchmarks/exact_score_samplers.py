@@ -4,8 +4,8 @@ The data, the exact-eps model and the error are those of tests/sampling_exact_sc
 per-pixel mixture 1/2 N(0.5, 0.1^2) + 1/2 N(-0.5, 0.1^2), linear schedule, T = 1000, 4096 pixels,
 no clipping; 1.0 is the W1 distance between two independent samples of the data.
 
-  python benchmarks/exact_score_samplers.py                 # every sampler, its default grid
-  python benchmarks/exact_score_samplers.py --grid karras   # every sampler but ancestral on one grid
+  python benchmarks/exact_score_samplers.py                # every sampler, its default grid
+  python benchmarks/exact_score_samplers.py --grid karras  # every sampler but ancestral on a grid
 """
 
 import argparse
@@ -14,13 +14,16 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
 import jax  # noqa: E402
 
 jax.config.update("jax_disable_most_optimizations", True)
 
 import sampling_exact_score_test as exact  # noqa: E402
+
 from ddpm_jax import sampling  # noqa: E402
+from ddpm_jax.runtime import process_env  # noqa: E402
 
 NFES = tuple(int(n) for n in os.environ.get("NFES", "5,10,15,20,25,50").split(","))
 
@@ -30,7 +33,7 @@ def main():
   parser.add_argument("--grid", default="default", choices=("default", *sampling.GRIDS))
   parser.add_argument("--samplers", default=",".join(sampling.SAMPLERS))
   args = parser.parse_args()
-  print(f"| sampler | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
+  print("| sampler | grid | " + " | ".join(f"NFE {n}" for n in NFES) + " |")
   print("|---|---|" + "---|" * len(NFES))
   for name in args.samplers.split(","):
     grid = "uniform" if name == "ancestral" else args.grid
@@ -44,4 +47,5 @@ def main():
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   main()

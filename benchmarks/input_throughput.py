@@ -13,6 +13,7 @@ reads them raw (Pillow decode per image); `folder_packed` reads the same folder 
 
 import functools
 import os
+import sys
 import tempfile
 import time
 
@@ -22,9 +23,12 @@ import numpy as np
 from PIL import Image
 import tensorflow_datasets as tfds
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 from configs import base
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.data import pack_folder
+from ddpm_jax.runtime import process_env
 
 _DATASETS = flags.DEFINE_list("datasets", ["cifar10", "digits"], "Datasets to measure.")
 _NUM_EXAMPLES = flags.DEFINE_integer("num_examples", 5000, "Mock CIFAR-10 split size.")
@@ -73,7 +77,7 @@ def _measure(dataset: str, num_workers: int) -> float:
   print(f"{dataset}: {images / seconds:,.0f} images/s ({_NUM_BATCHES.value} batches of "
         f"{tuple(batch['image'].shape)}, {seconds:.2f} s, num_workers={num_workers})")
   # The raw read rate bounds the pipeline; under the mock it is tfds generating random records.
-  source = input_pipeline._open_source(config.data, "train")  # pylint: disable=protected-access
+  source = input_pipeline.open_source(config.data, "train")
   count = min(len(source), _NUM_BATCHES.value * batch["image"].shape[0])
   start = time.perf_counter()
   for index in range(count):
@@ -96,4 +100,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   app.run(main)

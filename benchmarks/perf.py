@@ -1,8 +1,10 @@
 """Performance accounting: device peaks for MFU, and XLA's per-op profile of a compiled program.
 
-`train_setup` builds what every train-step benchmark times; `benchmarks/train_throughput.py`
-reports MFU with `peak_tflops`; `benchmarks/profile_step.py` turns a `jax.profiler` trace into a
-per-op table with `describe_ops` and `op_times`.
+The benchmarks' shared library (`from benchmarks import perf`), not an entry point: the scripts
+that import it set the process defaults. `train_setup` builds what every train-step benchmark
+times; `benchmarks/train_throughput.py` reports MFU with `peak_tflops`;
+`benchmarks/profile_step.py` turns a `jax.profiler` trace into a per-op table with `describe_ops`
+and `op_times`.
 """
 
 import collections
@@ -11,17 +13,17 @@ import json
 import os
 import re
 import time
-from typing import Any, NamedTuple
+from typing import Any
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ddpm_jax.config import config_lib
-from ddpm_jax import models
+from ddpm_jax.config import factories
+from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import train_state
 from ddpm_jax.training import train_step
-from ddpm_jax.runtime import mesh as mesh_lib
 
 # Thread-pool bookkeeping events that enclose XLA:CPU's ops rather than being ops.
 _NOT_OPS = ("ThreadpoolListener", "ThunkExecutor", "SlinkyThreadPool", "$")
@@ -66,10 +68,11 @@ class TrainSetup(NamedTuple):
 def train_setup(config, global_batch: int) -> TrainSetup:
   """The config's model, initial state, jitted step and a fixed random batch, on every device."""
   mesh = mesh_lib.make_mesh()
-  model = models.create_model(config)
-  tables = config_lib.tables_from_config(config)
+  model = factories.create_model(config)
+  tables = factories.tables_from_config(config)
   state = train_state.create_train_state(config, model, mesh)
-  step_fn = config_lib.train_step_from_config(config, model, tables, mesh)
+  step_fn = train_step.from_config(config, model, factories.loss_fn_from_config(config, tables),
+                                   mesh)
   d = config.data
   images = np.random.default_rng(0).uniform(
       -1, 1, (global_batch // jax.process_count(), d.image_size, d.image_size, d.num_channels)
@@ -111,7 +114,8 @@ def describe_ops(hlo_text: str) -> dict[str, str]:
 
 
 def _scope(op_name: str) -> str:
-  """'jit(step)/transpose(jvp(UNet))/up_0_res_1/conv1/conv_general_dilated' -> 'up_0_res_1/conv1'."""
+  """'jit(step)/transpose(jvp(UNet))/up_0_res_1/conv1/conv_general_dilated' ->
+  'up_0_res_1/conv1'."""
   parts = [p for p in op_name.split("/") if not re.match(r"^(jit|jvp|transpose|vmap)\(", p)]
   return "/".join(parts[:-1]) or op_name.split("/")[-1]
 

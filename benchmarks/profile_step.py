@@ -15,6 +15,7 @@ to more than the wall time.
 import collections
 import os
 import re
+import sys
 import tempfile
 import time
 
@@ -24,8 +25,11 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ddpm_jax.config import config_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 from benchmarks import perf
+from ddpm_jax.config import validation
+from ddpm_jax.runtime import process_env
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCH = flags.DEFINE_integer("batch", 8, "Global batch size.")
@@ -49,7 +53,7 @@ def main(_):
   config = _CONFIG.value
   with config.unlocked():
     config.training.batch_size = _BATCH.value
-  config_lib.validate_config(config, check_data=False)
+  validation.validate(config, mode="sample")
   compiled, args, is_train = _program(config, _BATCH.value)
   names = perf.describe_ops(compiled.as_text())
 
@@ -87,4 +91,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   app.run(main)

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from ddpm_jax.config import config_lib
-from ddpm_jax import models
 from ddpm_jax import sampling
+from ddpm_jax.config import validation
 from ddpm_jax.core import schedules
+from ddpm_jax.runtime import process_env
 from ddpm_jax.runtime import train_state as train_state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
@@ -44,8 +44,8 @@ def _best_time(fn, *args) -> float:
 
 def main(_):
   config = _CONFIG.value
-  config_lib.validate_config(config, check_data=False)
-  model = models.create_model(config)
+  parts = validation.validate(config, mode="sample")
+  model = parts.model
   d = config.data
   shape = (_BATCH.value, d.image_size, d.image_size, d.num_channels)
   x, t = train_state_lib.dummy_inputs(config, _BATCH.value)
@@ -73,7 +73,7 @@ def main(_):
       sampler = sampling.get_sampler(name, tables, model_output=dconf.model_output,
                                      model_var=dconf.model_var)
     else:
-      tables = config_lib.tables_from_config(config)
+      tables = parts.tables
       sampler = sampling.get_sampler(name, tables, model_output=dconf.model_output,
                                      model_var=dconf.model_var, num_steps=n)
     run = jax.jit(lambda p, r, s=sampler: s(model_fn(p), r, shape)[0])
@@ -84,5 +84,6 @@ def main(_):
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   jnp.zeros(())  # initialise the backend before timing anything
   app.run(main)

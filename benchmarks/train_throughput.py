@@ -6,13 +6,15 @@
       --config.model.dtype=bfloat16      # on a TPU or GPU
 
 FLOPs per device come from XLA's cost analysis of the compiled step. MFU is those FLOP/s over
-the device's published dense peak for the compute dtype (`ddpm_jax.perf.PEAK_TFLOPS`: bf16 for bfloat16; for
-float32 on GPUs the TF32 tensor-core peak, which XLA's default matmul precision uses). A CPU
-has no published peak: there the reference is this machine's measured matmul rate in the
-compute dtype (a 2048^3 jnp.dot), the best dense throughput XLA reaches here. Peak memory is
-the process's max RSS on CPU (it includes the Python runtime), the allocator's peak elsewhere.
+the device's published dense peak for the compute dtype (`benchmarks/perf.py`'s `PEAK_TFLOPS`:
+bf16 for bfloat16; for float32 on GPUs the TF32 tensor-core peak, which XLA's default matmul
+precision uses). A CPU has no published peak: there the reference is this machine's measured
+matmul rate in the compute dtype (a 2048^3 jnp.dot), the best dense throughput XLA reaches here.
+Peak memory is the process's max RSS on CPU (it includes the Python runtime), the allocator's peak
+elsewhere.
 """
 
+import os
 import resource
 import sys
 import time
@@ -22,9 +24,12 @@ from absl import flags
 import jax
 from ml_collections import config_flags
 
-from ddpm_jax.config import config_lib
-from ddpm_jax import models
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 from benchmarks import perf
+from ddpm_jax import models
+from ddpm_jax.config import validation
+from ddpm_jax.runtime import process_env
 from ddpm_jax.runtime import train_state as train_state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
@@ -43,7 +48,7 @@ def main(_):
   config = _CONFIG.value
   with config.unlocked():
     config.training.batch_size = _BATCH.value
-  config_lib.validate_config(config, check_data=False)
+  validation.validate(config, mode="sample")
   setup = perf.train_setup(config, _BATCH.value)
   state, batch = setup.state, setup.batch
 
@@ -87,4 +92,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   app.run(main)

@@ -11,9 +11,10 @@ Three workloads, each at every batch size, timed alternately (ddpm_jax, diffuser
 for `--rounds` rounds so that both see the same machine state:
 
   train step   one full DDPM update: draw t and noise, q(x_t | x_0), forward, backward, global-norm
-               clip, Adam, EMA. Ours is the real jitted, sharded step of `ddpm_jax.train_step`;
-               theirs is the loop of diffusers' train_unconditional example (model.train(),
-               dropout on, mse on eps, `clip_grad_norm_`, `torch.optim.Adam`, EMA by
+               clip, Adam, EMA. Ours is the real jitted, sharded step of
+               `ddpm_jax.training.train_step`; theirs is the loop of diffusers'
+               train_unconditional example (model.train(), dropout on, mse on eps,
+               `clip_grad_norm_`, `torch.optim.Adam`, EMA by
                `torch._foreach_lerp_`), with `loss.item()` as its per-step host sync.
   forward      one eval-mode forward pass (ours jitted; theirs under `torch.inference_mode`).
   sampler step one DDIM step: the model call plus the update, per step of a `--sampler_steps`
@@ -46,12 +47,14 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from ddpm_jax.config import config_lib
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
+
 from benchmarks import perf
 from ddpm_jax import sampling
-from ddpm_jax.runtime import train_state as train_state_lib
-from ddpm_jax.training import train_step as train_step_lib
+from ddpm_jax.config import validation
 from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import process_env
+from ddpm_jax.runtime import train_state as train_state_lib
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Batch sizes to time.")
@@ -206,7 +209,7 @@ def _config():
   config = _CONFIG.value
   with config.unlocked():
     config.model.dtype = _PRECISION.value
-  config_lib.validate_config(config, check_data=False)
+  validation.validate(config, mode="sample")
   return config
 
 
@@ -333,4 +336,5 @@ def main(_):
 
 
 if __name__ == "__main__":
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   app.run(main)

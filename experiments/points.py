@@ -3,12 +3,14 @@
 A sweep (format in experiments/sweeps/__init__.py) is a base config, fixed overrides, a grid
 and/or explicit points. Before anything runs, every point's overrides are applied to the locked
 base config (an unknown key fails, naming the key and the point), checked with
-`config_lib.validate_config`, and parsed back through `ml_collections.config_flags` from the
-exact command-line arguments the subprocess will get. Nothing here runs a point
-(`experiments.runner`) or knows where it runs (`experiments.launch`).
+`ddpm_jax.config.validation.validate` (without opening the data, which may live only where the
+point runs), and parsed back through `ml_collections.config_flags` from the exact command-line
+arguments the subprocess will get. Nothing here runs a point (`experiments.runner`) or knows
+where it runs (`experiments.launch`).
 """
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from collections.abc import Sequence
 import dataclasses
 import difflib
 import importlib
@@ -23,7 +25,9 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from ddpm_jax import config_lib
+from ddpm_jax.config import factories
+from ddpm_jax.config import validation
+from ddpm_jax.runtime import run_config
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9._,+=-]")
@@ -242,11 +246,13 @@ def plan(sweep: Sweep, points: Sequence[Point]) -> list[Plan]:
     config.lock()
     args = apply_overrides(config, point.overrides, where)
     try:
-      config_lib.validate_config(config, check_data=False)
+      parts = validation.validate(config, mode="sample")
+      if not sweep.checkpoint:  # a training point: its loss checks its combinations too
+        factories.loss_fn_from_config(config, parts.tables)
       parsed = config_from_args(sweep.config, args)
     except (ValueError, flags.Error) as e:
       raise SweepError(f"{where}: {e}") from None
-    diff = config_lib.config_diff(parsed, config)
+    diff = run_config.config_diff(parsed, config)
     if diff:
       raise SweepError(f"{where}: the command line would not rebuild the config: {diff}.")
     if sweep.checkpoint and not config.eval.metrics:

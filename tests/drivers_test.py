@@ -1,4 +1,5 @@
-"""End-to-end tests of `--mode=sample` and `--mode=eval` (ddpm_jax.evaluate and fid_eval).
+"""End-to-end tests of `--mode=sample` and `--mode=eval` (ddpm_jax.evaluation.drivers and
+fid_eval).
 
 A tiny digits model is trained once per module (`trained`) and every test samples from it or
 evaluates it. FID runs without the real Inception network: the tests swap in a fixed random
@@ -16,16 +17,17 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ddpm_jax import evaluate
-from ddpm_jax import fid_eval
-from ddpm_jax import images
-from ddpm_jax import input_pipeline
-from ddpm_jax import train
-from ddpm_jax import train_state as train_state_lib
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import drivers
+from ddpm_jax.evaluation import fid_eval
+from ddpm_jax.evaluation import images
 from ddpm_jax.metrics import fid
 from ddpm_jax.metrics import inception
-from helpers import main_command
+from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import train
+
 from helpers import REPO_ROOT
+from helpers import main_command
 from helpers import subprocess_env
 from helpers import tiny_config
 
@@ -76,8 +78,8 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ddim_samples(trained):
-  """(path, samples) of `evaluate.sample` with the default (DDIM) sampler."""
-  path = evaluate.sample(_config(), trained)
+  """(path, samples) of `drivers.sample` with the default (DDIM) sampler."""
+  path = drivers.sample(_config(), trained)
   with np.load(path) as data:
     return path, data["samples"]
 
@@ -116,19 +118,19 @@ def test_ddim_sample_writes_uint8_npz_grid_and_trajectory(trained, ddim_samples)
 def test_other_samplers_write_the_same_outputs(trained, sampler, name):
   # One batch of 4 compiles once; the 2-batch path is covered by the DDIM test.
   config = _config(**{"sampling.sampler": sampler, "sampling.num_samples": 4})
-  path = evaluate.sample(config, trained)
+  path = drivers.sample(config, trained)
   _check_sample_outputs(trained, path, name, 4)
 
 
 def test_same_seed_gives_identical_samples(trained, ddim_samples):
   _, first = ddim_samples
-  path = evaluate.sample(_config(), trained)
+  path = drivers.sample(_config(), trained)
   np.testing.assert_array_equal(_load_npz(path)["samples"], first)
 
 
 def test_raw_params_sample_differently_from_ema(trained, ddim_samples):
   _, ema = ddim_samples
-  path = evaluate.sample(_config(**{"sampling.use_ema": False}), trained)
+  path = drivers.sample(_config(**{"sampling.use_ema": False}), trained)
   raw = _load_npz(path)["samples"]
   assert raw.shape == ema.shape
   assert np.any(raw != ema)
@@ -147,7 +149,7 @@ def eval_run(trained, classifier_cache):
   """(returned report, eval/step_4.json as written) of `--mode=eval` with bpd and digits_score."""
   del classifier_cache
   config = _config(**{"eval.metrics": ("bpd", "digits_score")})
-  report = evaluate.evaluate(config, trained)
+  report = drivers.evaluate(config, trained)
   # Read now: later evaluations of the same step overwrite the file.
   with open(os.path.join(trained, "eval", f"step_{STEP}.json"), encoding="utf-8") as f:
     return report, json.load(f)
@@ -200,7 +202,7 @@ def test_eval_report_is_written_as_json(eval_run):
 def test_bpd_over_the_whole_split_drops_no_example(trained):
   config = _config(**{"eval.metrics": ("bpd",), "eval.bpd_num_examples": 0,
                       "eval.batch_size": UNEVEN_EVAL_BATCH})
-  report = evaluate.evaluate(config, trained)
+  report = drivers.evaluate(config, trained)
   assert report["bpd_num_examples"] == TEST_SPLIT_SIZE
   assert len(input_pipeline.load_digits_arrays("test")[0]) == TEST_SPLIT_SIZE
   parts = sum(report[f"bpd_{k}"] for k in ("prior", "terms", "decoder"))
@@ -215,12 +217,13 @@ def test_fid_without_inception_weights_fails_before_loading_anything(tmp_path, m
     raise AssertionError("the model was built before the weights check")
 
   monkeypatch.setattr(train_state_lib, "create_train_state", fail)
+  monkeypatch.setattr(train_state_lib, "abstract_params", fail)  # what drivers.load builds
   config = _config(**{"eval.metrics": ("fid",),
                       "eval.inception_weights": str(tmp_path / weights) if weights else ""})
   # An empty workdir: loading params first would fail with "No checkpoint" instead.
   workdir = tmp_path / "empty"
   with pytest.raises(FileNotFoundError, match="convert_inception_weights"):
-    evaluate.evaluate(config, str(workdir))
+    drivers.evaluate(config, str(workdir))
   assert not os.path.exists(workdir)
 
 
@@ -301,7 +304,7 @@ def test_fid_reference_stats_cover_the_split_and_are_cached(tmp_path, fake_incep
 
 def test_eval_fid_embeds_rgb_samples_against_the_whole_split(trained, fake_inception):
   config, feature_fn = fake_inception
-  report = evaluate.evaluate(config, trained)
+  report = drivers.evaluate(config, trained)
   assert report["fid_reference_examples"] == TEST_SPLIT_SIZE
   assert report["fid_num_samples"] == NUM_SAMPLES
   assert np.isfinite(report["fid"]) and report["fid"] > 0

@@ -1,4 +1,5 @@
-"""Inpainting (replacement, RePaint) and SDEdit (ddpm_jax/editing.py, ddpm_jax/edit_mode.py)."""
+"""Inpainting (replacement, RePaint) and SDEdit (ddpm_jax/sampling/editing.py and --mode=edit in
+ddpm_jax/evaluation/drivers.py)."""
 
 import os
 import subprocess
@@ -9,11 +10,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from ddpm_jax import edit_mode
-from ddpm_jax import editing
 from ddpm_jax import models
 from ddpm_jax import sampling
-from ddpm_jax import schedules
+from ddpm_jax.config import validation
+from ddpm_jax.core import schedules
+from ddpm_jax.evaluation import drivers
+from ddpm_jax.sampling import editing
 from ddpm_jax.sampling import guidance
 from tests import helpers
 
@@ -104,13 +106,13 @@ def test_bad_edit_input_fails_naming_what_was_expected(tmp_path):
     editing.make_mask(str(tmp_path / "m.png"), 8, 8)
   np.savez(tmp_path / "x.npz", images=np.zeros((2, 16, 16, 1), np.uint8))
   with pytest.raises(ValueError, match=r"\(8, 8, 1\)"):
-    edit_mode.load_inputs(str(tmp_path / "x.npz"), 8, 1, 4)
+    drivers.load_inputs(str(tmp_path / "x.npz"), 8, 1, 4)
   config = helpers.tiny_config("digits", **{"edit.task": "sdedit", "edit.t0": 20})
   with pytest.raises(ValueError, match=r"\[0, 19\]"):
-    edit_mode.check_edit_config(config)
+    validation.check_edit(config)
   config = helpers.tiny_config("digits", **{"edit.class_label": 3})
   with pytest.raises(ValueError, match="unconditional"):
-    edit_mode.check_edit_config(config)
+    validation.check_edit(config)
 
 
 @pytest.mark.slow

@@ -8,18 +8,20 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ddpm_jax import classifier_guidance
-from ddpm_jax import conditioning
-from ddpm_jax import config_lib
-from ddpm_jax import diffusion
-from ddpm_jax import losses
 from ddpm_jax import models
 from ddpm_jax import sampling
-from ddpm_jax import schedules
-from ddpm_jax import train_state as train_state_lib
-from ddpm_jax import train_step as train_step_lib
-from ddpm_jax.models import classifier
+from ddpm_jax.config import conditioning
+from ddpm_jax.config import factories
+from ddpm_jax.config import validation
+from ddpm_jax.core import diffusion
+from ddpm_jax.core import losses
+from ddpm_jax.core import schedules
+from ddpm_jax.models import noisy_classifier as classifier
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.sampling import guidance
+from ddpm_jax.training import train_step as train_step_lib
 from tests import helpers
 
 T = 20
@@ -132,13 +134,13 @@ def test_classifier_guidance_shifts_eps_and_ancestral_mean_as_in_dhariwal_nichol
 def test_guidance_on_an_unconditional_model_and_bad_labels_fail_before_compile():
   config = helpers.tiny_config("digits", **{"sampling.guidance_scale": 1.0})
   with pytest.raises(ValueError, match="class-conditional model"):
-    conditioning.check_guidance(config)
+    validation.check_guidance(config)
   config = helpers.tiny_config("digits", **{"model.num_classes": 10, "sampling.class_label": 10})
   with pytest.raises(ValueError, match="valid labels are 0..9"):
-    conditioning.check_guidance(config)
+    validation.check_guidance(config)
   config = helpers.tiny_config("digits", **{"data.label_key": "", "model.num_classes": 10})
   with pytest.raises(ValueError, match="needs labels"):
-    conditioning.check_training_labels(config)
+    validation.check_training_labels(config)
 
 
 # --- Classifier guidance from the project's own trainer (training.objective = classifier) ---
@@ -166,20 +168,22 @@ def test_classifier_loss_is_the_cross_entropy_of_the_noisy_input():
 
 def test_classifier_objective_trains_with_finite_loss_and_accuracy_in_unit_interval():
   config = helpers.tiny_config("digits", **CLASSIFIER)
-  config_lib.validate_config(config, check_data=False)
-  mesh = train_step_lib.make_mesh()
-  model = models.create_model(config)
+  parts = validation.validate(config, mode="sample")
+  mesh = mesh_lib.make_mesh()
+  model = factories.create_model(config)
   assert isinstance(model, classifier.NoisyClassifier) and model.num_classes == 10
-  tables = config_lib.tables_from_config(config)
+  assert isinstance(parts.model, classifier.NoisyClassifier) and parts.sample_fn is None
+  tables = factories.tables_from_config(config)
   state = train_state_lib.create_train_state(config, model, mesh)
-  step = config_lib.train_step_from_config(config, model, tables, mesh)
+  loss_fn = factories.loss_fn_from_config(config, tables)
+  step = train_step_lib.from_config(config, model, loss_fn, mesh)
   rng = np.random.default_rng(0)
   losses_seen = []
   for _ in range(2):
     batch = {"image": rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32),
              "label": rng.integers(0, 10, (8,)).astype(np.int32),
              "preempt": np.zeros((jax.device_count(),), bool)}
-    state, metrics = step(state, train_step_lib.global_batch(mesh, batch))
+    state, metrics = step(state, mesh_lib.global_batch(mesh, batch))
     metrics = jax.device_get(metrics)
     assert np.isfinite(metrics["loss"]) and int(metrics["finite"]) == 1
     assert 0.0 <= float(metrics["accuracy"]) <= 1.0
@@ -190,23 +194,23 @@ def test_classifier_objective_trains_with_finite_loss_and_accuracy_in_unit_inter
 
 def test_classifier_objective_and_guidance_fail_before_compile(tmp_path):
   with pytest.raises(ValueError, match="model.num_classes > 0"):
-    config_lib.validate_config(helpers.tiny_config(
-        "digits", **{"training.objective": "classifier"}), check_data=False)
+    validation.validate(helpers.tiny_config(
+        "digits", **{"training.objective": "classifier"}), mode="sample")
   with pytest.raises(ValueError, match="needs labels"):
-    conditioning.check_training_labels(helpers.tiny_config(
+    validation.check_training_labels(helpers.tiny_config(
         "digits", **CLASSIFIER, **{"data.label_key": ""}))
   with pytest.raises(ValueError, match="'diffusion', 'classifier'"):
-    config_lib.validate_config(helpers.tiny_config(
-        "digits", **{"training.objective": "clasifier"}), check_data=False)
+    validation.validate(helpers.tiny_config(
+        "digits", **{"training.objective": "clasifier"}), mode="sample")
   guided = {"sampling.classifier_workdir": str(tmp_path), "sampling.classifier_scale": 1.0}
   with pytest.raises(ValueError, match="no config.json"):
-    classifier_guidance.check(helpers.tiny_config("digits", **guided))
-  (tmp_path / "config.json").write_text(config_lib.config_to_json(
+    validation.check_classifier(helpers.tiny_config("digits", **guided))
+  (tmp_path / "config.json").write_text(run_config.config_to_json(
       helpers.tiny_config("digits", **CLASSIFIER)))
   with pytest.raises(ValueError, match="has no checkpoint"):
-    classifier_guidance.check(helpers.tiny_config("digits", **guided))
+    validation.check_classifier(helpers.tiny_config("digits", **guided))
   with pytest.raises(ValueError, match="classifier_scale must be >= 0"):
-    classifier_guidance.check(helpers.tiny_config(
+    validation.check_classifier(helpers.tiny_config(
         "digits", **{**guided, "sampling.classifier_scale": -1.0}))
 
 
@@ -221,8 +225,9 @@ def test_end_to_end_train_classifier_and_sample_with_classifier_guidance(tmp_pat
     proc = run(helpers.main_command(workdir, **steps, **extra))
     assert proc.returncode == 0, proc.stderr[-3000:]
   assert not os.path.exists(os.path.join(cls_dir, "samples"))  # no grids of a classifier
-  flags = ["--mode=sample", "--config.sampling.num_samples=8", "--config.sampling.sampler=ancestral",
-           f"--config.sampling.classifier_workdir={cls_dir}", "--config.sampling.class_label=3"]
+  flags = ["--mode=sample", "--config.sampling.num_samples=8",
+           "--config.sampling.sampler=ancestral", f"--config.sampling.classifier_workdir={cls_dir}",
+           "--config.sampling.class_label=3"]
   proc = run(helpers.main_command(gen_dir, *flags, "--config.sampling.classifier_scale=2.0",
                                   **steps))
   assert proc.returncode == 0, proc.stderr[-3000:]

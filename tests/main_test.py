@@ -9,13 +9,14 @@ import time
 import numpy as np
 import pytest
 
-from ddpm_jax import checkpointing
-from ddpm_jax import input_pipeline
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.runtime import checkpointing
+
+from helpers import REPO_ROOT
 from helpers import checkpoint_entries
 from helpers import main_command
 from helpers import read_log
 from helpers import read_metrics
-from helpers import REPO_ROOT
 from helpers import restore_state
 from helpers import spawned
 from helpers import subprocess_env

@@ -19,12 +19,12 @@ import numpy as np
 import portpicker
 import pytest
 
+from helpers import REPO_ROOT
 from helpers import checkpoint_entries
 from helpers import main_command
 from helpers import read_log
 from helpers import read_metrics
 from helpers import restore_state
-from helpers import REPO_ROOT
 from helpers import spawned
 from helpers import subprocess_env
 from helpers import tiny_config
@@ -136,13 +136,16 @@ def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
 # processes.
 _FID_WORKER = r"""
 import json, sys
+from ddpm_jax.runtime import process_env
+process_env.set_defaults()  # as the entry points do, before jax starts a backend
 import jax
 index, count, port = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 if count > 1:
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(f"127.0.0.1:{port}", count, index)
 import numpy as np
-from ddpm_jax import fid_eval, input_pipeline
+from ddpm_jax.data import input_pipeline
+from ddpm_jax.evaluation import fid_eval
 from ddpm_jax.metrics import inception
 from helpers import tiny_config
 rng = np.random.default_rng(0)

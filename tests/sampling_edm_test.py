@@ -4,10 +4,16 @@ and oracle of sampling_test.py (whose docstring gives the closed forms)."""
 import jax
 import numpy as np
 import pytest
+from sampling_test import DIM
+from sampling_test import MU
+from sampling_test import NUM_SAMPLES
+from sampling_test import SIGMA
+from sampling_test import _oracle
+from sampling_test import _sample_many
+from sampling_test import _tables
+from sampling_test import count_model_calls
 
 from ddpm_jax import sampling
-from sampling_test import DIM, MU, NUM_SAMPLES, SIGMA, _oracle, _sample_many, _tables
-from sampling_test import count_model_calls
 
 
 def test_edm_stochastic_without_churn_is_heun_and_with_it_samples_the_data():
@@ -45,24 +51,24 @@ def test_edm_stochastic_counts_2n_minus_1_model_calls_with_churn():
     ("s_noise", 0.0, "s_noise > 0")])
 def test_config_edm_options_are_checked_before_compiling(key, value, match):
   from configs import base
-  from ddpm_jax import config_lib
+  from ddpm_jax.config import validation
   config = base.get_config()
   config.sampling.sampler, config.sampling.s_tmax = "edm_stochastic", 1.0
-  config_lib.validate_config(config, check_data=False)
+  validation.validate(config, mode="sample")
   config.sampling[key] = value
   with pytest.raises(ValueError, match=match):
-    config_lib.validate_config(config, check_data=False)
+    validation.validate(config, mode="sample")
 
 
 def test_sampler_from_config_passes_the_edm_options():
   """sampler_from_config with sampling.s_* is get_sampler with them (s_tmax = -1 is inf)."""
   from configs import base
-  from ddpm_jax import config_lib
+  from ddpm_jax.config import factories
   config = base.get_config()
   config.diffusion.num_timesteps, config.diffusion.clip_x0 = 50, False
   config.sampling.update(sampler="edm_stochastic", num_steps=6, s_churn=5.0, s_noise=1.01)
   tables, shape = _tables("linear", 50), (4, 1, 1, DIM)
-  ours = config_lib.sampler_from_config(config, tables)
+  ours = factories.sampler_from_config(config, tables)
   theirs = sampling.get_sampler("edm_stochastic", tables, num_steps=6, s_churn=5.0,
                                 s_noise=1.01, clip_x0=False,
                                 model_output=config.diffusion.model_output,

@@ -22,7 +22,6 @@ from experiments import launch as launch_lib  # noqa: E402
 from experiments import sweep as sweep_lib  # noqa: E402
 from experiments.sweeps import cifar10_schedules  # noqa: E402
 from experiments.sweeps import digits_samplers  # noqa: E402
-from experiments.sweeps import digits_schedules  # noqa: E402
 
 TINY = {
     "model.ch": 32,
@@ -182,7 +181,7 @@ def test_dry_run_lists_status_and_commands(tmp_path, capsys, no_launch):
 def test_tpu_launch_prints_a_gcloud_command_per_point(tmp_path, capsys, no_launch):
   path = sweep_file(tmp_path, tiny_sweep())
   assert sweep_lib.main([f"--sweep={path}", "--launch=tpu", "--root=gs://bkt/sweeps"]) == 0
-  lines = [l for l in capsys.readouterr().out.splitlines() if l.startswith("gcloud")]
+  lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("gcloud")]
   assert len(lines) == 2 and not no_launch
   argv = shlex.split(lines[1])
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "$TPU_NAME"]
@@ -306,7 +305,8 @@ def test_end_to_end_writes_results_and_rerun_skips(tmp_path, monkeypatch, capsys
 
 
 def test_sampler_sweep_covers_every_sampler_with_honest_nfe():
-  from ddpm_jax import generation, sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
   sweep = sweep_lib.load_sweep("digits_samplers")
   assert sweep.checkpoint == "runs/digits" and sweep.plot["x"] == "sampler_nfe"
   plans = sweep_lib.plan(sweep, sweep_lib.expand(sweep))
@@ -316,7 +316,7 @@ def test_sampler_sweep_covers_every_sampler_with_honest_nfe():
     s = p.config.sampling
     assert p.config.eval.metrics == ("digits_score",) and s.num_samples == 500
     # What the eval report will print as sampler_nfe: the model calls the sampler makes.
-    calls.setdefault(s.sampler, []).append(generation.sampler_nfe(p.config))
+    calls.setdefault(s.sampler, []).append(factories.sampler_nfe(p.config))
   assert set(calls) == set(sampling.SAMPLERS)  # a new sampler must join the sweep
   assert calls["ancestral"] == [1000]
   for name in digits_samplers.FEW_STEP_SAMPLERS:

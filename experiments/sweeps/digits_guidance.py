@@ -18,7 +18,6 @@ import sys
 
 from absl import app
 from absl import flags
-import jax
 import numpy as np
 
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
@@ -28,13 +27,18 @@ _NUM = flags.DEFINE_integer("num_samples", 500, "Samples per guidance scale (50 
 
 
 def run(workdir: str, out_dir: str, num_samples: int) -> list[dict]:
-  from configs import digits_cond  # pylint: disable=g-import-not-at-top
-  from ddpm_jax import conditioning, evaluate, generation, quality  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
+  # pylint: disable=g-import-not-at-top
+  from configs import digits_cond
+  from ddpm_jax.config import conditioning
+  from ddpm_jax.config import validation
+  from ddpm_jax.evaluation import drivers
+  from ddpm_jax.evaluation import generation
+  from ddpm_jax.evaluation import quality
+  from ddpm_jax.metrics import digits_classifier
+  # pylint: enable=g-import-not-at-top
 
   config = digits_cond.get_config()
-  mesh, model, tables = evaluate._setup(config)  # pylint: disable=protected-access
-  params, step = evaluate._load_params(config, workdir, mesh, model)  # pylint: disable=protected-access
+  loaded = drivers.load(config, workdir, validation.validate(config, mode="sample"))
   variables, _ = digits_classifier.get_digits_classifier(quality.cache_dir())
   rows = []
   for w in SCALES:
@@ -42,15 +46,16 @@ def run(workdir: str, out_dir: str, num_samples: int) -> list[dict]:
     c.unlock()
     c.sampling.guidance_scale, c.sampling.class_label = w, -1
     c.sampling.batch_size = 500 if num_samples % 500 == 0 else num_samples
-    sample_fn = generation.make_sample_fn(c, model, tables, mesh)
-    samples, _ = generation.draw_samples(c, sample_fn, params, num_samples)
+    # The loaded run's sampler and params, guided with this config's scale and labels.
+    samples, _ = generation.draw_samples(c, drivers.sample_fn(c, loaded), loaded.params,
+                                         num_samples)
     requested = np.concatenate([conditioning.sample_labels(c, c.sampling.batch_size)] *
                                (num_samples // c.sampling.batch_size))
     logits = digits_classifier.digits_features(variables, samples)["logits"]
     score = digits_classifier.digits_score(samples, quality.cache_dir())
     rows.append({"w": w, "agreement": float(np.mean(np.argmax(logits, -1) == requested)),
                  "fd": score["frechet_distance"], "fd_floor": score["frechet_distance_floor"],
-                 "is_like": score["inception_score"], "step": step})
+                 "is_like": score["inception_score"], "step": loaded.step})
     print(f"w={w}: agreement {rows[-1]['agreement']:.3f}, FD {rows[-1]['fd']:.2f} "
           f"(floor {rows[-1]['fd_floor']:.2f}), IS-like {rows[-1]['is_like']:.2f}", flush=True)
   write(rows, out_dir)
@@ -91,4 +96,6 @@ def main(argv):
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+  from ddpm_jax.runtime import process_env  # pylint: disable=g-import-not-at-top
+  process_env.set_defaults()  # an entry point: before jax starts a backend
   app.run(main)
