@@ -25,7 +25,6 @@ from absl import flags
 import ml_collections
 from ml_collections import config_flags
 
-from ddpm_jax.config import factories
 from ddpm_jax.config import validation
 from ddpm_jax.runtime import run_config
 
@@ -246,9 +245,8 @@ def plan(sweep: Sweep, points: Sequence[Point]) -> list[Plan]:
     config.lock()
     args = apply_overrides(config, point.overrides, where)
     try:
-      parts = validation.validate(config, mode="sample")
-      if not sweep.checkpoint:  # a training point: its loss checks its combinations too
-        factories.loss_fn_from_config(config, parts.tables)
+      # What the point's own run will check, less its data (it may live only where it runs).
+      validation.validate(config, mode="eval" if sweep.checkpoint else "train", open_data=False)
       parsed = config_from_args(sweep.config, args)
     except (ValueError, flags.Error) as e:
       raise SweepError(f"{where}: {e}") from None

@@ -30,13 +30,16 @@ EDIT_TASKS = ("inpaint", "sdedit")
 _check = diffusion.check_choice
 
 
-def validate(config: ml_collections.ConfigDict, *, mode: str) -> factories.Components:
+def validate(config: ml_collections.ConfigDict, *, mode: str,
+             open_data: bool = True) -> factories.Components:
   """Fails fast, with the valid choices or the fix, on any config `mode` could not complete.
 
   Args:
     config: an experiment config (configs/base.py and a variant).
     mode: 'train', 'sample', 'eval' or 'edit' (`--mode`): which data, weights and checkpoints the
       run will need, so only those are checked.
+    open_data: False skips the checks that read the dataset and the Inception weights, for a
+      config checked where it will not run (a sweep planned on a laptop for a pod).
 
   Returns:
     The run's tables, model, loss and grid sampler (train), the configured sampler, and the
@@ -63,12 +66,12 @@ def validate(config: ml_collections.ConfigDict, *, mode: str) -> factories.Compo
   classifier = check_classifier(config)
   metrics = _metrics(config, mode)
   train_source = None
-  if mode == "train":
+  if open_data and mode == "train":
     train_source = check_data(config)[config.data.train_split]
     check_training_labels(config, train_source)
-  elif {"bpd", "fid"} & set(metrics):
+  elif open_data and {"bpd", "fid"} & set(metrics):
     check_data(config)
-  if "fid" in metrics:
+  if open_data and "fid" in metrics:
     check_inception_weights(config)  # now, not after hours of training
   if mode == "edit":
     check_edit(config)
