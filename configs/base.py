@@ -11,7 +11,7 @@ def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
 
   config.data = ml_collections.ConfigDict(dict(
-      dataset="cifar10",        # see ddpm_jax.input_pipeline.DATASETS
+      dataset="cifar10",        # see ddpm_jax.data.input_pipeline.DATASETS
       image_size=32,
       num_channels=3,
       random_flip=True,         # per-image horizontal flips (DDPM CIFAR-10 setting)
@@ -37,7 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.diffusion = ml_collections.ConfigDict(dict(
-      schedule="linear",        # see ddpm_jax.schedules.SCHEDULES
+      schedule="linear",        # see ddpm_jax.core.schedules.SCHEDULES
       num_timesteps=1000,
       zero_terminal_snr=False,  # Lin et al. 2023 rescaling of any schedule
       model_output="eps",       # eps | x0 | v
@@ -112,7 +112,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.edit = ml_collections.ConfigDict(dict(
       task="inpaint",           # inpaint | sdedit (--mode=edit)
       input="",                 # .npz (key 'images' or 'samples', uint8 or [-1, 1]) or PNG folder
-      mask="left_half",         # a named shape (ddpm_jax.editing.MASKS) or a PNG; white = known
+      mask="left_half",         # a named shape (sampling.editing.MASKS) or a PNG; white = known
       t0=500,                   # SDEdit: noise to this timestep index, then denoise
       class_label=-1,           # SDEdit target class; -1 = keep the sampling.class_label rule
       resample_jump=0,          # RePaint jump length (0 = plain replacement, no resampling)

@@ -6,7 +6,7 @@ writes to the output directory:
 
   <sweep>.md, <sweep>.csv   one row per point; '-' where a value is missing
   <sweep>_log_snr.png       log-SNR(t) = log(abar_t / (1 - abar_t)) against t/T, for every
-                            (schedule, T) of the sweep, from `ddpm_jax.schedules`
+                            (schedule, T) of the sweep, from `ddpm_jax.core.schedules`
   <sweep>_loss_curves.png   training loss against step, one (EMA-smoothed) line per point
   <sweep>_metrics.png       a bar chart per metric, one bar per point
 """
