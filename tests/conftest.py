@@ -31,3 +31,14 @@ import jax  # noqa: E402
 
 # Tests check maths and plumbing, not XLA's optimiser; this roughly halves compile time.
 jax.config.update("jax_disable_most_optimizations", True)
+
+
+# The end-to-end files that run longest start first, so that with two workers (pytest.ini) the
+# short files fill the other worker instead of one long file finishing alone at the end.
+_LONGEST_FIRST = ("multihost_test.py", "gcs_test.py", "sweep_test.py", "checkpointing_test.py",
+                  "train_step_test.py", "train_test.py", "guidance_test.py", "editing_test.py")
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(_LONGEST_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file
