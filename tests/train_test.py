@@ -5,6 +5,7 @@ so the module shares a persistent compilation cache, and one 20-step run (the `r
 fixture) serves both the resume test and the logging test.
 """
 
+import collections
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from tensorboardX.proto import event_pb2
 import tensorflow_datasets as tfds
 
 from ddpm_jax.config import factories
+from ddpm_jax.config import validation
 from ddpm_jax.core import schedules
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.runtime import checkpointing
@@ -271,11 +273,33 @@ def test_unknown_schedule_lists_the_valid_ones_before_compiling(tmp_path, monkey
   assert not os.path.exists(tmp_path / "run")
 
 
-def test_one_step_end_to_end_on_mock_cifar10(tmp_path):
+def _count_calls(monkeypatch, calls, module, name, key=None):
+  fn = getattr(module, name)
+
+  def counted(*args, **kwargs):
+    calls[name if key is None else key(*args, **kwargs)] += 1
+    return fn(*args, **kwargs)
+  monkeypatch.setattr(module, name, counted)
+
+
+def test_one_step_end_to_end_on_mock_cifar10(tmp_path, monkeypatch):
   config = tiny_config("cifar10", **{"training.num_train_steps": 1})
   workdir = str(tmp_path)
+  calls = collections.Counter()
+  _count_calls(monkeypatch, calls, validation, "validate")
+  for name in ("tables_from_config", "create_model", "loss_fn_from_config",
+               "sampler_from_config"):
+    _count_calls(monkeypatch, calls, factories, name)
+  _count_calls(monkeypatch, calls, input_pipeline, "open_source",
+               key=lambda data, split: f"open {split}")
   with tfds.testing.mock_data(num_examples=16):
     report = train.train_and_evaluate(config, workdir)
+  # Following the config from the entry point: one validation, each factory once (the sampler
+  # factory builds two samplers: the configured one and the training grids' DDIM), each split
+  # opened once.
+  assert calls == {"validate": 1, "tables_from_config": 1, "create_model": 1,
+                   "loss_fn_from_config": 1, "sampler_from_config": 2,
+                   f"open {config.data.train_split}": 1, f"open {config.data.eval_split}": 1}
 
   assert report["step"] == 1 and np.isfinite(report["loss"])
   assert checkpoint_entries(workdir) == ["1"]
