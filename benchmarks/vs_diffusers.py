@@ -93,6 +93,24 @@ def diffusers_unet(config):
       downsample_padding=0, act_fn="silu", time_embedding_type="positional")
 
 
+def randomise(unet, seed: int = 0):
+  """Every parameter of a torch module random, in place (GroupNorm scales near 1, the
+  zero-initialised output conv included): a network whose every weight matters for parity."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in unet.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if p.ndim == 1 and "norm" in name and name.endswith("weight"):
+        p.copy_(1.0 + 0.2 * noise)
+      elif p.ndim == 1:
+        p.copy_(0.2 * noise)
+      else:
+        p.copy_(noise / np.sqrt(p[0].numel()))
+  return unet.eval()
+
+
 class Ours:
   """The three workloads in ddpm_jax, on every local device."""
 

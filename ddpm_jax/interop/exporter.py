@@ -1,0 +1,83 @@
+"""A ddpm_jax workdir out as a diffusers `UNet2DModel` folder with a matching `DDPMScheduler`.
+
+`export_checkpoint(workdir, out)` reads the run's config.json and its newest checkpoint's (EMA)
+params and writes `out/{config.json, diffusion_pytorch_model.safetensors,
+scheduler_config.json}`, which `UNet2DModel.from_pretrained(out)` and
+`DDPMScheduler.from_pretrained(out)` load. A model diffusers cannot express exactly (average-pool
+resampling, our log-variance `learned` output) is refused, naming each field, before anything is
+written. A class-conditional model is written with `num_class_embeds = K + 1`: diffusers adds
+that embedding to the timestep embedding exactly as ddpm_jax does; row K is classifier-free
+guidance's null class, which diffusers' pipelines do not know about.
+"""
+
+import os
+
+from absl import logging
+import jax
+import numpy as np
+
+from ddpm_jax.config import factories
+from ddpm_jax.interop import diffusers_io
+from ddpm_jax.interop import diffusers_layout
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import train_state as train_state_lib
+
+
+def _fields(config) -> dict:
+  d, m = config.data, config.model
+  channels = d.num_channels * (2 if config.diffusion.model_var in ("learned", "learned_range")
+                               else 1)
+  return {"data.image_size": d.image_size, "data.num_channels": d.num_channels, "model.ch": m.ch,
+          "model.ch_mult": tuple(m.ch_mult), "model.num_res_blocks": m.num_res_blocks,
+          "model.attn_resolutions": tuple(m.attn_resolutions),
+          "model.resamp_with_conv": m.resamp_with_conv, "model.dropout": m.dropout,
+          "model.num_classes": int(m.num_classes), "out_channels": channels}
+
+
+def diffusers_configs(config) -> tuple[dict, dict]:
+  """(UNet2DModel config, DDPMScheduler config) of a run's config; refuses what diffusers
+  cannot express, listing every such field."""
+  if config.training.get("objective", "diffusion") != "diffusion":
+    raise diffusers_layout.LayoutError(
+        f"training.objective={config.training.objective!r}: a noisy classifier, not a "
+        "diffusion U-Net; diffusers has no UNet2DModel for it.")
+  problems = []
+  unet_cfg = sched_cfg = None
+  try:
+    unet_cfg = diffusers_layout.unet_config_from_arch(_fields(config))
+  except diffusers_layout.LayoutError as e:
+    problems.append(str(e))
+  try:
+    sched_cfg = diffusers_layout.scheduler_config(config.diffusion.to_dict())
+  except diffusers_layout.LayoutError as e:
+    problems.append(str(e))
+  if problems:
+    raise diffusers_layout.LayoutError("Cannot export to diffusers:\n" + "\n".join(problems))
+  return unet_cfg, sched_cfg
+
+
+def export_checkpoint(workdir: str, out: str, *, use_ema: bool = True,
+                      step: int | None = None) -> dict:
+  """Writes the diffusers folder `out`; returns a summary (step, params, paths)."""
+  config = run_config.load(workdir)
+  if config is None:
+    raise FileNotFoundError(f"{workdir} has no config.json: not a ddpm_jax workdir.")
+  unet_cfg, sched_cfg = diffusers_configs(config)
+  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+    raise FileExistsError(f"{out} exists and is not empty; choose a new --out.")
+  model = factories.create_model(config)
+  mesh = mesh_lib.make_mesh()
+  abstract = train_state_lib.abstract_params(config, model, mesh)
+  params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, step=step)
+  host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
+  state_dict = diffusers_layout.state_dict_from_params(host, len(config.model.ch_mult))
+  if config.model.num_classes > 0:
+    logging.warning("Class-conditional model: written with num_class_embeds=%d; row %d is the "
+                    "null class of classifier-free guidance (pass class_labels to the UNet).",
+                    config.model.num_classes + 1, config.model.num_classes)
+  if jax.process_index() == 0:
+    diffusers_io.write(out, unet_cfg, state_dict, sched_cfg)
+  return {"step": step, "weights": "ema" if use_ema else "raw",
+          "params": sum(int(v.size) for v in state_dict.values()), "out": out}

@@ -1,0 +1,371 @@
+"""Published models in and out: diffusers UNet2DModel folders imported, exported and sampled.
+
+The reference is PyTorch diffusers itself (the `[test]` extra installs torch's CPU wheel and
+diffusers): randomly weighted `UNet2DModel`s in DDPM's layout (every parameter random, GroupNorm
+scales and the zero-initialised output conv included), saved in each layout the importer claims.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import diffusers
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors import numpy as st_numpy
+import torch
+
+from benchmarks import diffusers_parity
+from benchmarks import vs_diffusers
+from configs import cifar10
+from configs import digits
+from configs import workdir as workdir_config
+from ddpm_jax import sampling
+from ddpm_jax.config import factories
+from ddpm_jax.core import schedules
+from ddpm_jax.interop import diffusers_io
+from ddpm_jax.interop import diffusers_layout
+from ddpm_jax.interop import exporter
+from ddpm_jax.interop import importer
+from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import mesh as mesh_lib
+from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import train_state as train_state_lib
+from tests import helpers
+
+LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
+
+
+def random_unet(config, seed: int = 0, num_class_embeds=None) -> diffusers.UNet2DModel:
+  """diffusers' UNet2DModel in the config's DDPM layout, every parameter random."""
+  unet = vs_diffusers.diffusers_unet(config)
+  if num_class_embeds:
+    kwargs = {k: v for k, v in unet.config.items() if not k.startswith("_")}
+    unet = diffusers.UNet2DModel(**{**kwargs, "num_class_embeds": num_class_embeds})
+    assert unet.class_embedding is not None
+  return vs_diffusers.randomise(unet, seed)
+
+
+def save(unet, scheduler, path: str, layout: str) -> str:
+  """Writes the model in one of the layouts the importer reads."""
+  if layout == "pipeline":
+    diffusers.DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(path)
+    return path
+  unet.save_pretrained(path)
+  scheduler.save_pretrained(path)
+  if layout == "legacy_bin":  # a PyTorch pickle with the pre-0.14 attention names
+    state = {}
+    for key, value in unet.state_dict().items():
+      for new, old in LEGACY.items():
+        key = key.replace(f".{new}.", f".{old}.")
+      state[key] = value
+    os.remove(os.path.join(path, diffusers_io.SAFETENSORS))
+    torch.save(state, os.path.join(path, diffusers_io.BIN))
+  return path
+
+
+def torch_out(unet, x_nhwc: np.ndarray, t: np.ndarray, labels=None) -> np.ndarray:
+  with torch.no_grad():
+    y = unet(torch.from_numpy(x_nhwc.transpose(0, 3, 1, 2).copy()), torch.from_numpy(t),
+             class_labels=None if labels is None else torch.from_numpy(labels)).sample
+  return y.numpy().transpose(0, 2, 3, 1)
+
+
+def load_workdir(workdir: str, use_ema: bool = True):
+  """(config, model, params) of a workdir, as --mode=sample restores them."""
+  config = workdir_config.get_config(workdir)
+  model = factories.create_model(config)
+  abstract = train_state_lib.abstract_params(config, model, mesh_lib.make_mesh())
+  params, _ = checkpointing.restore_params(workdir, abstract, use_ema=use_ema)
+  return config, model, params
+
+
+def our_out(model, params, x, t, labels=None) -> np.ndarray:
+  y = None if labels is None else jnp.asarray(labels)
+  return np.asarray(model.apply({"params": params}, jnp.asarray(x), jnp.asarray(t), y,
+                                train=False))
+
+
+def rel_err(a, b) -> float:
+  return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+def inputs(config, n: int = 3, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  d = config.data
+  x = rng.standard_normal((n, d.image_size, d.image_size, d.num_channels)).astype(np.float32)
+  return x, np.array([0, 417, 999][:n], np.int64)
+
+
+def linear_scheduler(**kw):
+  return diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear",
+                                 variance_type="fixed_large", **kw)
+
+
+@pytest.fixture(scope="module")
+def digits_unet():
+  return random_unet(digits.get_config())
+
+
+@pytest.fixture(scope="module")
+def digits_workdir(tmp_path_factory, digits_unet):
+  root = tmp_path_factory.mktemp("digits")
+  src = save(digits_unet, linear_scheduler(), str(root / "src"), "flat")
+  importer.import_checkpoint(src, str(root / "W"), digits.get_config())
+  return str(root / "W")
+
+
+@pytest.mark.parametrize("layout", ["flat", "pipeline", "legacy_bin"])
+def test_import_matches_diffusers_at_digits_size(tmp_path, digits_unet, layout):
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), layout)
+  record = importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert record["params"] == sum(p.numel() for p in digits_unet.parameters())
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  x, t = inputs(config)
+  assert rel_err(our_out(model, params, x, t), torch_out(digits_unet, x, t)) <= 1e-5
+  # Both slots hold the imported weights, so sampling.use_ema either way samples the model.
+  _, _, raw = load_workdir(str(tmp_path / "W"), use_ema=False)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(raw), jax.tree.leaves(params)))
+
+
+@pytest.mark.slow
+def test_import_matches_diffusers_in_cifar10_layout(tmp_path):
+  config = cifar10.get_config()
+  unet = random_unet(config, seed=3)
+  assert sum(p.numel() for p in unet.parameters()) == 35_746_307
+  src = save(unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  importer.import_checkpoint(src, str(tmp_path / "W"), cifar10.get_config())
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  assert config.model.to_dict() == {**cifar10.get_config().model.to_dict(),
+                                    "ch_mult": (1, 2, 2, 2), "attn_resolutions": (16,)}
+  x, t = inputs(config, n=2)
+  assert rel_err(our_out(model, params, x, t), torch_out(unet, x, t)) <= 1e-5
+
+
+def test_class_conditional_model_round_trips(tmp_path):
+  config = digits.get_config()
+  unet = random_unet(config, seed=5, num_class_embeds=11)  # 10 classes + the null class
+  src = save(unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  assert config.model.num_classes == 10
+  x, t = inputs(config)
+  labels = np.array([3, 10, 7])
+  assert rel_err(our_out(model, params, x, t, labels), torch_out(unet, x, t, labels)) <= 1e-5
+  exporter.export_checkpoint(str(tmp_path / "W"), str(tmp_path / "out"))
+  back = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "out")).eval()
+  assert back.config.num_class_embeds == 11
+  assert rel_err(torch_out(back, x, t, labels), torch_out(unet, x, t, labels)) == 0.0
+
+
+# Every schedule and prediction (jsd ends at abar_T = 0, where an eps model cannot give x0).
+DDIM_CASES = [(s, o) for s in schedules.SCHEDULES for o in ("eps", "v") if (s, o) != ("jsd", "eps")]
+# Each side on its own network: the forward passes' float32 differences (about 1e-6 relative)
+# are amplified by 1 / sqrt(abar_T) in an eps model's first x0 estimate, which is large where
+# abar_T is near 0 (`benchmarks/diffusers_parity.py` prints the table).
+END_TO_END = [("linear", "eps"), ("quad", "eps"), ("cosine", "v"), ("linear", "x0")]
+
+
+@pytest.mark.parametrize("schedule,output", DDIM_CASES)
+def test_ddim_update_matches_diffusers_ddim_scheduler(schedule, output):
+  """10 DDIM steps from the same x_T: ours on the 'trailing' grid against DDIMScheduler with
+  timestep_spacing='trailing', given each schedule as our exported scheduler config and driven
+  by the same network outputs."""
+  assert diffusers_parity.ddim_difference(schedule, output, shared_network=True) <= 1e-4
+
+
+@pytest.mark.parametrize("schedule,output", END_TO_END)
+def test_ddim_path_matches_diffusers_end_to_end(schedule, output):
+  """The same, each side running its own network (ours imported from diffusers' weights)."""
+  assert diffusers_parity.ddim_difference(schedule, output, shared_network=False) <= 1e-4
+
+
+def test_trailing_grid_is_diffusers_trailing_spacing():
+  tables = factories.tables_from_config(digits.get_config())
+  for n in (1, 10, 50, 1000):
+    ddim = diffusers.DDIMScheduler(timestep_spacing="trailing")
+    ddim.set_timesteps(n)
+    assert list(ddim.timesteps.numpy()) == list(sampling.make_grid("trailing", tables, n))
+
+
+def test_export_loads_in_diffusers_and_reimports_bitwise(tmp_path, digits_workdir, digits_unet):
+  out = str(tmp_path / "out")
+  summary = exporter.export_checkpoint(digits_workdir, out)
+  assert sorted(os.listdir(out)) == ["config.json", diffusers_io.SAFETENSORS,
+                                     diffusers_io.SCHEDULER_CONFIG]
+  back = diffusers.UNet2DModel.from_pretrained(out).eval()
+  assert summary["params"] == sum(p.numel() for p in back.parameters())
+  config, model, params = load_workdir(digits_workdir)
+  x, t = inputs(config)
+  assert rel_err(torch_out(back, x, t), our_out(model, params, x, t)) <= 1e-5
+  assert rel_err(torch_out(back, x, t), torch_out(digits_unet, x, t)) == 0.0
+  scheduler = diffusers.DDPMScheduler.from_pretrained(out)
+  assert scheduler.config.variance_type == "fixed_large"
+  np.testing.assert_allclose(scheduler.betas.numpy(),
+                             np.asarray(factories.tables_from_config(config).betas), rtol=1e-6)
+  # import(export(W)) restores W bitwise.
+  importer.import_checkpoint(out, str(tmp_path / "W2"), digits.get_config())
+  _, _, again = load_workdir(str(tmp_path / "W2"))
+  assert jax.tree.structure(again) == jax.tree.structure(params)
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(again), jax.tree.leaves(params)))
+  assert run_config.load(str(tmp_path / "W2")).to_dict() == run_config.load(
+      digits_workdir).to_dict()
+
+
+@pytest.mark.parametrize("schedule", sorted(schedules.SCHEDULES))
+@pytest.mark.parametrize("output,var", [("eps", "fixed_large"), ("v", "fixed_small"),
+                                        ("x0", "learned_range")])
+def test_scheduler_config_round_trips_every_schedule(schedule, output, var):
+  diff = {"schedule": schedule, "num_timesteps": 1000, "model_output": output, "model_var": var,
+          "clip_x0": schedule != "quad", "zero_terminal_snr": schedule == "linear"}
+  cfg = diffusers_layout.scheduler_config(diff)
+  ours = schedules.make_tables(schedules.get_beta_schedule(schedule, 1000,
+                                                            diff["zero_terminal_snr"]))
+  theirs = diffusers.DDPMScheduler.from_config(cfg)
+  # diffusers computes in float32 (torch), we in float64: the same process to float32 rounding.
+  np.testing.assert_allclose(theirs.alphas_cumprod.numpy(), np.asarray(ours.abar), rtol=1e-4,
+                             atol=1e-7)
+  back, _ = diffusers_layout.process_from_scheduler(cfg, 32)
+  assert back == {f"diffusion.{k}": v for k, v in diff.items()}
+
+
+def test_export_refuses_what_diffusers_cannot_express(tmp_path):
+  cases = {
+      "diffusion.model_var": ("learned", "log-variance"),
+      "model.resamp_with_conv": (False, "resamp_with_conv"),
+      "training.objective": ("classifier", "noisy classifier"),
+  }
+  for key, (value, words) in cases.items():
+    config = helpers.tiny_config("digits", **{key: value})
+    with pytest.raises(diffusers_layout.LayoutError, match=words):
+      exporter.diffusers_configs(config)
+    workdir = tmp_path / key
+    workdir.mkdir()
+    (workdir / "config.json").write_text(run_config.config_to_json(config))
+    with pytest.raises(diffusers_layout.LayoutError, match=words):
+      exporter.export_checkpoint(str(workdir), str(tmp_path / f"out_{key}"))
+    assert not (tmp_path / f"out_{key}").exists()
+
+
+def _edit_weights(src: str, fn) -> None:
+  path = os.path.join(src, diffusers_io.SAFETENSORS)
+  state = st_numpy.load_file(path)
+  fn(state)
+  st_numpy.save_file(state, path, metadata={"format": "pt"})
+
+
+def _edit_json(path: str, **updates) -> None:
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  data.update(updates)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f)
+
+
+def _conditional_unet_folder(path: str) -> None:
+  unet = diffusers.UNet2DConditionModel(
+      sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+      down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+      up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), layers_per_block=1,
+      cross_attention_dim=32, attention_head_dim=8, norm_num_groups=32)
+  unet.save_pretrained(path)
+
+
+BAD_INPUTS = {
+    "other architecture": (lambda src: (shutil.rmtree(src), _conditional_unet_folder(src)),
+                           r"UNet2DConditionModel, not a UNet2DModel"),
+    "missing key": (lambda src: _edit_weights(
+        src, lambda s: s.pop("mid_block.attentions.0.to_q.weight")),
+                    r"missing mid_block\.attentions\.0\.to_q\.weight"),
+    "extra key": (lambda src: _edit_weights(
+        src, lambda s: s.update({"extra_head.weight": np.zeros((3, 3), np.float32)})),
+                  r"unexpected extra_head\.weight \(3, 3\)"),
+    "shape mismatch": (lambda src: _edit_weights(
+        src, lambda s: s.update({"conv_in.weight": np.zeros((32, 3, 3, 3), np.float32)})),
+                       r"conv_in\.weight: file \(32, 3, 3, 3\) .* vs model \(3, 3, 1, 32\)"),
+    "unknown scheduler": (lambda src: _edit_json(
+        os.path.join(src, diffusers_io.SCHEDULER_CONFIG), _class_name="LCMScheduler"),
+                          r"scheduler 'LCMScheduler'.*DDPMScheduler"),
+    "learned variance (diffusers' meaning)": (lambda src: _edit_json(
+        os.path.join(src, diffusers_io.SCHEDULER_CONFIG), variance_type="learned"),
+                                              r"variance_type='learned'.*log-variance"),
+    "unknown betas": (lambda src: _edit_json(
+        os.path.join(src, diffusers_io.SCHEDULER_CONFIG), beta_end=0.012),
+                      r"equal none of ddpm_jax's schedules"),
+    "another embedding": (lambda src: _edit_json(
+        os.path.join(src, "config.json"), flip_sin_to_cos=True),
+                          r"flip_sin_to_cos=True: needs False"),
+    "unknown field": (lambda src: _edit_json(
+        os.path.join(src, "config.json"), resnet_skip_time_act=True),
+                      r"resnet_skip_time_act=True: a field ddpm_jax does not know"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_fails_clearly_and_writes_nothing(tmp_path, digits_unet, case):
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  spoil, message = BAD_INPUTS[case]
+  spoil(src)
+  with pytest.raises(ValueError, match=message):
+    importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert not (tmp_path / "W").exists() and not (tmp_path / "W.partial").exists()
+
+
+def test_bin_without_torch_fails_clearly(tmp_path, digits_unet, monkeypatch):
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "legacy_bin")
+  monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
+  with pytest.raises(RuntimeError, match=r"torch\.load\(weights_only=True\).*not installed"):
+    importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert not (tmp_path / "W").exists()
+
+
+def test_refuses_a_workdir_that_holds_something(tmp_path, digits_unet):
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  (tmp_path / "W").mkdir()
+  (tmp_path / "W" / "config.json").write_text("{}")
+  with pytest.raises(FileExistsError, match="not empty"):
+    importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert os.listdir(tmp_path / "W") == ["config.json"]
+
+
+def test_hub_repository_is_downloaded_only_when_named(tmp_path, digits_unet, monkeypatch):
+  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  local = save(digits_unet, linear_scheduler(), str(tmp_path / "snapshot"), "flat")
+  calls = []
+
+  def fake_download(repo_id, allow_patterns=None, cache_dir=None):
+    calls.append((repo_id, tuple(allow_patterns), cache_dir))
+    return local
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  importer.import_checkpoint(local, str(tmp_path / "W1"), digits.get_config())
+  assert not calls  # a local folder never touches the Hub
+  monkeypatch.chdir(tmp_path)  # "google/ddpm-x" is no local path here
+  importer.import_checkpoint("google/ddpm-x", str(tmp_path / "W2"), digits.get_config())
+  importer.import_checkpoint("hf://google/ddpm-y", str(tmp_path / "W3"), digits.get_config())
+  assert [c[0] for c in calls] == ["google/ddpm-x", "google/ddpm-y"]
+  assert all("*.json" in c[1] for c in calls)
+  assert json.loads((tmp_path / "W2" / "imported.json").read_text())["source"] == "google/ddpm-x"
+
+
+@pytest.mark.slow
+def test_command_line_import_then_sample(tmp_path, digits_unet):
+  """The README's commands: import a folder, then --mode=sample on the workdir's own config."""
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  workdir = str(tmp_path / "W")
+  env = {**os.environ, "PYTHONPATH": helpers.REPO_ROOT}
+  out = subprocess.run([sys.executable, "-m", "ddpm_jax.import_checkpoint", f"--src={src}",
+                        f"--workdir={workdir}", "--config=configs/digits.py"],
+                       cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+  assert "Imported 701,345 parameters" in out.stdout
+  subprocess.run([sys.executable, "-m", "ddpm_jax.main", f"--config=configs/workdir.py:{workdir}",
+                  f"--workdir={workdir}", "--mode=sample", "--config.sampling.num_samples=8",
+                  "--config.sampling.batch_size=8", "--config.sampling.num_steps=4",
+                  "--config.sampling.trajectory_every=0"],
+                 cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+  with np.load(os.path.join(workdir, "samples", "dpm_solver_pp_sde_4_step0.npz")) as f:
+    assert f["samples"].shape == (8, 8, 8, 1) and f["samples"].dtype == np.uint8
