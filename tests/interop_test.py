@@ -369,3 +369,27 @@ def test_command_line_import_then_sample(tmp_path, digits_unet):
                  cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, check=True)
   with np.load(os.path.join(workdir, "samples", "dpm_solver_pp_sde_4_step0.npz")) as f:
     assert f["samples"].shape == (8, 8, 8, 1) and f["samples"].dtype == np.uint8
+
+
+TF1_FIXTURE = os.path.join(helpers.REPO_ROOT, "tests", "fixtures", "tf1_tiny")
+
+
+@pytest.mark.parametrize("ema", [True, False])
+def test_tf1_checkpoint_imports_the_weights_asked_for(tmp_path, ema):
+  """The TF1 fixture (written by TensorFlow, with its own forward pass of the raw and the EMA
+  variables in reference.npz) through the importer: the workdir's model is TF's."""
+  base = digits.get_config()
+  with base.unlocked():
+    base.data.update(image_size=8, num_channels=3)
+  record = importer.import_checkpoint(TF1_FIXTURE, str(tmp_path / "W"), base, ema=ema)
+  assert (record["kind"], record["weights"], record["step"]) == ("tf1", "ema" if ema else "raw",
+                                                                1000)
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  assert (config.diffusion.model_var, config.model.ch, tuple(config.model.ch_mult)) == (
+      "fixed_large", 32, (1, 1))
+  with np.load(os.path.join(TF1_FIXTURE, "reference.npz")) as ref:
+    x, t, want, other = ref["x"], ref["t"], ref[f"out_{'ema' if ema else 'raw'}"], ref[
+        f"out_{'raw' if ema else 'ema'}"]
+  got = our_out(model, params, x, t)
+  assert rel_err(got, want) <= 1e-5
+  assert rel_err(got, other) > 1e-2  # the other set of weights is really another model

@@ -81,8 +81,9 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
   """
   if _is_tf1(src):
     from ddpm_jax.interop import tf1_layout  # pylint: disable=g-import-not-at-top
+    from ddpm_jax.interop import tf_checkpoint  # pylint: disable=g-import-not-at-top
     params, arch = tf1_layout.load(src, ema=ema)
-    step = _tf1_step(src)
+    step = tf_checkpoint.resolve_checkpoint(src)[1] or 0
     fields = {
         "data.image_size": image_size, "data.num_channels": arch["in_channels"],
         "model.ch": arch["ch"], "model.ch_mult": tuple(arch["ch_mult"]),
@@ -124,15 +125,6 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
   return Model("diffusers", {**arch, **process},
                lambda shapes: diffusers_layout.params_from_state_dict(weights, shapes, num_levels),
                0, notes, src)
-
-
-def _tf1_step(src: str) -> int:
-  name = os.path.basename(src.rstrip("/"))
-  if os.path.isdir(src):
-    steps = [_tf1_step(p[: -len(".index")]) for p in glob.glob(os.path.join(src, "*.index"))]
-    return max(steps, default=0)
-  tail = name.rsplit("-", 1)[-1]
-  return int(tail) if tail.isdigit() else 0
 
 
 def apply_fields(base: ml_collections.ConfigDict, fields: dict) -> tuple[ml_collections.ConfigDict,
