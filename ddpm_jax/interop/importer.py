@@ -40,8 +40,6 @@ from ddpm_jax.models import unet as unet_lib
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import run_config
 
-IMPORTED_FILE = "imported.json"
-
 # DDPM's published process (Ho et al. 2020, hojonathanho/diffusion scripts/run_*.py): linear betas
 # 1e-4..0.02 over T = 1000, eps prediction, x0 clipped when sampling; the CIFAR-10 model samples
 # with the "fixedlarge" variance, the 256x256 models (CelebA-HQ, LSUN) with "fixedsmall".
@@ -179,7 +177,8 @@ def _save(workdir: str, config, params, step: int, record: dict) -> None:
         state=ocp.args.StandardSave({"params": tree, "ema_params": tree})), force=True)
     manager.wait_until_finished()
     manager.close()
-  (epath.Path(target) / IMPORTED_FILE).write_text(json.dumps(record, indent=2, default=str))
+  (epath.Path(target) / checkpointing.IMPORTED_FILE).write_text(
+      json.dumps(record, indent=2, default=str))
   if not remote:
     if os.path.isdir(workdir):  # empty (checked)
       os.rmdir(workdir)

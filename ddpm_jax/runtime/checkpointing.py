@@ -32,6 +32,10 @@ EXIT_PREEMPTED = 75
 # The data item's one file: input_pipeline.TrainIterator.get_state() as JSON.
 DATA_FILE = "iterator.json"
 
+# Marks a workdir written by `python -m ddpm_jax.import_checkpoint` (params and EMA params only, no
+# optimiser state): one samples it, or fine-tunes it with training.init_from, but never resumes it.
+IMPORTED_FILE = "imported.json"
+
 
 class NoRestorableCheckpointError(RuntimeError):
   pass
@@ -217,6 +221,39 @@ def latest_step(workdir: str) -> int | None:
   return step
 
 
+def check_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = "",
+                 step: int | None = None) -> int:
+  """Checks, from Orbax's metadata alone (no array is read), that checkpoint `step` (default: the
+  newest) of `workdir` holds `ema_params` (or `params`) of `abstract_params`'s shapes; returns
+  the step.
+
+  Raises:
+    FileNotFoundError: when `workdir` has no checkpoint.
+    ValueError: naming the leaves whose shapes differ, and `hint` (the config fields that
+      differ from the run's config.json).
+  """
+  step = latest_step(workdir) if step is None else step
+  if step is None:
+    raise FileNotFoundError(
+        f"No checkpoint in {checkpoint_dir(workdir)}; train first with --mode=train "
+        f"--workdir={workdir}.")
+  name = "ema_params" if use_ema else "params"
+  path = checkpoint_dir(workdir) / str(step) / "state"
+  with _Quiet():  # checkpoints written before Orbax's metadata file was added warn
+    tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  if name not in tree:
+    raise ValueError(f"The checkpoint at step {step} in {checkpoint_dir(workdir)} holds no "
+                     f"{name!r} (it has {sorted(tree)}).")
+  stored = tree[name]
+  mismatches = _shape_mismatches(stored, abstract_params)
+  if mismatches:
+    raise ValueError(
+        f"The checkpoint at step {step} in {checkpoint_dir(workdir)} was trained with different "
+        "parameter shapes than this config builds" + (f" ({hint})" if hint else "") + ":\n  " +
+        "\n  ".join(mismatches[:10]) + "\nUse the run's own model settings (its config.json).")
+  return step
+
+
 def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = "",
                    step: int | None = None):
   """Params (EMA by default) of checkpoint `step` (default: the newest), for sampling and
@@ -227,22 +264,10 @@ def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: st
   change that leaves the params' shapes alone works. A shape change fails naming the leaves
   and `hint` (the config fields that differ from the run's config.json).
   """
-  step = latest_step(workdir) if step is None else step
-  if step is None:
-    raise FileNotFoundError(
-        f"No checkpoint in {checkpoint_dir(workdir)}; train first with --mode=train "
-        f"--workdir={workdir}.")
+  step = check_params(workdir, abstract_params, use_ema=use_ema, hint=hint, step=step)
   name = "ema_params" if use_ema else "params"
   path = checkpoint_dir(workdir) / str(step) / "state"
   checkpointer = ocp.PyTreeCheckpointer()
-  with _Quiet():  # checkpoints written before Orbax's metadata file was added warn
-    stored = checkpointer.metadata(path).item_metadata.tree[name]
-  mismatches = _shape_mismatches(stored, abstract_params)
-  if mismatches:
-    raise ValueError(
-        f"The checkpoint at step {step} in {checkpoint_dir(workdir)} was trained with different "
-        "parameter shapes than this config builds" + (f" ({hint})" if hint else "") + ":\n  " +
-        "\n  ".join(mismatches[:10]) + "\nUse the run's own model settings (its config.json).")
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       abstract_params)

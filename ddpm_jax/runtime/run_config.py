@@ -30,7 +30,8 @@ PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_term
            "diffusion.hybrid_lambda", "diffusion.weighting", "diffusion.p2_k", "diffusion.p2_gamma",
            "diffusion.min_snr_gamma")
 # Fields added after runs were recorded, with the value those runs had.
-_ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion"}
+_ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
+                 "training.init_from": "", "training.init_from_ema": True}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 

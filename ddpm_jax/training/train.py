@@ -2,6 +2,7 @@
 
 Runs on every device of every host, resumes from the newest checkpoint in `workdir/checkpoints`
 that restores (moving broken ones aside), saves on SIGTERM, and never saves a non-finite update.
+A new run may start from another run's or an imported model's weights (`training.init_from`).
 """
 
 import contextlib
@@ -11,6 +12,7 @@ import time
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from configs import base as base_config
@@ -76,6 +78,27 @@ def _check_workdir(workdir: str) -> None:
     if parent.exists() and not parent.is_dir():
       raise ValueError(f"--workdir={workdir}: {parent} is a file, not a directory; pass a "
                        "directory (it is created if missing).")
+  # Its params-only checkpoint would not restore as a train state and be moved aside as corrupt.
+  if (path / checkpointing.IMPORTED_FILE).exists():
+    raise ValueError(f"{workdir} holds an imported model; fine-tune it into a new workdir with "
+                     f"--config.training.init_from={workdir} --workdir=NEW")
+
+
+def _start_from(config: ml_collections.ConfigDict, model, mesh, state):
+  """`state` (fresh: step 0, zero optimiser moments, this config's rng) with the params of
+  `training.init_from` (its EMA params by default) as its params and its EMA.
+
+  Every process restores the same params, replicated on `mesh` (validation checked their shapes).
+  """
+  tc = config.training
+  abstract = train_state_lib.abstract_params(config, model, mesh)
+  params, step = checkpointing.restore_params(tc.init_from, abstract, use_ema=tc.init_from_ema)
+  logging.info("Starting from the %s params of step %d in %s (training.init_from): step 0, a "
+               "fresh optimiser state, EMA = those params.", "EMA" if tc.init_from_ema else "raw",
+               step, tc.init_from)
+  # Adam's moments are zeros whatever the params, so the fresh state's are kept. The EMA is a
+  # copy: the train step donates the state, and one buffer cannot be donated twice.
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
 
 
 def _restored_is_finite(state) -> None:
@@ -95,18 +118,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     config: an experiment config (see configs/base.py).
     workdir: checkpoints, TensorBoard events, metrics/ (one file per run segment) and sample
       grids go here. An existing workdir is resumed from its newest checkpoint that restores
-      (see `checkpointing`), after its config is checked against this one (see `run_config`).
+      (see `checkpointing`), after its config is checked against this one (see `run_config`);
+      a new one starts from `training.init_from`'s params when that is set.
     sigterm: the flag of a SIGTERM handler installed at start-up (main.py's), so that a SIGTERM
       before the loop counts as a preemption; without it the loop installs its own handler.
   """
-  parts = validation.validate(config, mode="train")  # every bad choice fails here, before compile
   _check_workdir(workdir)
+  # Every bad choice fails here, before compile (training.init_from too, unless workdir resumes).
+  parts = validation.validate(config, mode="train", workdir=workdir)
   tc = config.training
   manager = checkpointing.create_manager(workdir, keep=tc.keep_checkpoints,
                                          every=tc.checkpoint_every)
   latest = manager.latest_step()
   if latest is not None:
     run_config.check_resume(config, workdir, latest)  # before any compile
+    if tc.init_from:
+      logging.info("%s has a checkpoint (step %d): resuming it; training.init_from=%s is "
+                   "ignored.", workdir, latest, tc.init_from)
     if latest >= tc.num_train_steps:
       logging.warning("The newest checkpoint in %s is step %d, already at or past "
                       "num_train_steps=%d: nothing to train. Raise --config.training."
@@ -125,6 +153,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if restored is not None:
     logging.info("Resumed from checkpoint step %d in %s.", restored_step, manager.directory)
     state = restored
+  elif tc.init_from:
+    state = _start_from(config, model, mesh, state)
   if jax.process_index() == 0:
     run_config.record(config, workdir, restored_step)  # only once every check has passed
     input_pipeline.save_class_names(config, workdir, parts.train_source)  # label -> folder name
