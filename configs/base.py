@@ -70,6 +70,13 @@ def get_config() -> ml_collections.ConfigDict:
                                 # with this probability (classifier-free guidance)
       objective="diffusion",    # diffusion | classifier (noisy classifier p(c | x_t, t) for
                                 # classifier guidance; model.num_classes = its K)
+      init_from="",             # fine-tuning: a workdir (a run, or an imported model) whose
+                                # weights a new run starts from, with a fresh optimiser, step 0,
+                                # EMA = those weights, and this config's seed; its model settings
+                                # must equal this config's. "" = off. Ignored (logged) when
+                                # --workdir already has a checkpoint: that run resumes.
+      init_from_ema=True,       # start from init_from's EMA params (what published models are and
+                                # what one samples); False: its raw (non-EMA) params
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -121,12 +128,20 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.eval = ml_collections.ConfigDict(dict(
-      metrics=("bpd", "fid"),   # bpd | fid | digits_score
+      metrics=("bpd", "fid"),   # bpd | fid (FID and IS) | kid | precision_recall | digits_score
       batch_size=256,           # global
       bpd_num_examples=0,       # 0 = the whole eval split
       fid_split="train",        # reference statistics over this whole split
       inception_weights="",     # .npz of converted TF 2015-12-05 Inception weights
-      fid_stats_dir="",         # cache of reference statistics; "" = <workdir>/fid_stats
+      fid_stats_dir="",         # cache of reference statistics (and, for kid and
+                                # precision_recall, features); "" = <workdir>/fid_stats
+      num_seeds=1,              # fid/kid/precision_recall over this many sample sets, seeds
+                                # sampling.seed + 0, 1, ...; 3 = EDM's protocol (report min, mean)
+      kid_num_subsets=100,      # KID: mean (and std) of the unbiased MMD^2 over random subsets
+      kid_subset_size=1000,     # features per set and subset (at most the smaller set's count)
+      pr_k=3,                   # precision/recall: manifold radius = distance to the k-th NN
+      pr_num_features=50_000,   # at most this many features per set (a seeded random subset);
+                                # 0 = all
   ))
 
   return config

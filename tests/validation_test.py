@@ -25,7 +25,7 @@ _BOTH = ("sample", "train")
     ({"diffusion.loss": "l1"}, r"diffusion.loss 'l1'.*hybrid", _BOTH),
     ({"sampling.sampler": "unipc"}, r"sampling.sampler 'unipc'.*dpm_solver_pp", _BOTH),
     ({"model.dtype": "float16"}, r"model.dtype 'float16'.*bfloat16", _BOTH),
-    ({"eval.metrics": ("fid", "kid")}, r"eval metric 'kid'", _BOTH),
+    ({"eval.metrics": ("fid", "lpips")}, r"eval metric 'lpips'.*precision_recall", _BOTH),
     ({"training.log_every": 0}, r"training.log_every must be positive", _BOTH),
     ({"sampling.num_steps": 2000}, r"num_steps must be in \[1, 1000\]", _BOTH),
     ({"diffusion.zero_terminal_snr": True}, r"model_output=v", _BOTH),

@@ -9,6 +9,7 @@ raises in `core` / `sampling` with the valid names); the rules here are about co
 go together, what the devices, the data and other runs on disk allow.
 """
 
+from absl import logging
 from etils import epath
 import jax
 import ml_collections
@@ -22,24 +23,30 @@ from ddpm_jax.core import losses
 from ddpm_jax.core import schedules
 from ddpm_jax.data import input_pipeline
 from ddpm_jax.runtime import checkpointing
+from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import train_state as train_state_lib
 
 MODES = ("train", "sample", "eval", "edit")
-EVAL_METRICS = ("bpd", "fid", "digits_score")
+EVAL_METRICS = ("bpd", "fid", "kid", "precision_recall", "digits_score")
+INCEPTION_METRICS = ("fid", "kid", "precision_recall")  # on the FID Inception's features
 EDIT_TASKS = ("inpaint", "sdedit")
 _check = diffusion.check_choice
 
 
-def validate(config: ml_collections.ConfigDict, *, mode: str,
-             open_data: bool = True) -> factories.Components:
+def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = True,
+             workdir: str | None = None) -> factories.Components:
   """Fails fast, with the valid choices or the fix, on any config `mode` could not complete.
 
   Args:
     config: an experiment config (configs/base.py and a variant).
     mode: 'train', 'sample', 'eval' or 'edit' (`--mode`): which data, weights and checkpoints the
       run will need, so only those are checked.
-    open_data: False skips the checks that read the dataset and the Inception weights, for a
-      config checked where it will not run (a sweep planned on a laptop for a pod).
+    open_data: False skips the checks that read the dataset, the Inception weights and
+      training.init_from's run, for a config checked where it will not run (a sweep planned on a
+      laptop for a pod).
+    workdir: train: the run's workdir; when it holds a checkpoint the run resumes it, and
+      training.init_from is not read (None: a new run).
 
   Returns:
     The run's tables, model, loss and grid sampler (train), the configured sampler, and the
@@ -69,9 +76,10 @@ def validate(config: ml_collections.ConfigDict, *, mode: str,
   if open_data and mode == "train":
     train_source = check_data(config)[config.data.train_split]
     check_training_labels(config, train_source)
-  elif open_data and {"bpd", "fid"} & set(metrics):
+    check_init_from(config, model, workdir)
+  elif open_data and {"bpd", *INCEPTION_METRICS} & set(metrics):
     check_data(config)
-  if open_data and "fid" in metrics:
+  if open_data and set(INCEPTION_METRICS) & set(metrics):
     check_inception_weights(config)  # now, not after hours of training
   if mode == "edit":
     check_edit(config)
@@ -110,6 +118,26 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
     raise ValueError(
         f"Eval metric 'digits_score' scores 8x8 digits only (dataset {config.data.dataset!r}); use "
         "'fid', or drop it from --config.eval.metrics / --config.training.final_eval_metrics.")
+  check_eval_options(config, eval_metrics)
+
+
+def check_eval_options(config: ml_collections.ConfigDict, metrics) -> None:
+  """eval.num_seeds, and the options of KID and precision/recall when they are asked for."""
+  e, n = config.eval, config.sampling.num_samples
+  if e.num_seeds < 1:
+    raise ValueError(f"eval.num_seeds must be >= 1 (sample sets, seeds sampling.seed + 0, 1, "
+                     f"...), got {e.num_seeds}; EDM's protocol is 3.")
+  if "kid" in metrics and (e.kid_num_subsets < 1 or e.kid_subset_size < 2 or n < 2):
+    raise ValueError(f"KID needs eval.kid_num_subsets >= 1, eval.kid_subset_size >= 2 and "
+                     f"sampling.num_samples >= 2, got {e.kid_num_subsets}, {e.kid_subset_size} "
+                     f"and {n}.")
+  if "precision_recall" in metrics:
+    if e.pr_k < 1:
+      raise ValueError(f"eval.pr_k must be >= 1 (3 in Kynkaanniemi et al. 2019), got {e.pr_k}.")
+    if min(n, e.pr_num_features or n) <= e.pr_k:
+      raise ValueError(f"Precision/recall with eval.pr_k={e.pr_k} needs more than {e.pr_k} "
+                       f"features per set: sampling.num_samples={n}, eval.pr_num_features="
+                       f"{e.pr_num_features} (0 = all); raise them or lower eval.pr_k.")
 
 
 def check_training(config: ml_collections.ConfigDict) -> None:
@@ -164,7 +192,7 @@ def check_data(config: ml_collections.ConfigDict) -> dict:
     raise ValueError(f"Dataset {data.dataset!r} has {spec.num_channels} channels but "
                      f"config.data.num_channels={data.num_channels}.")
   splits = [data.train_split, data.eval_split]
-  if "fid" in (*config.eval.metrics, *config.training.final_eval_metrics):
+  if set(INCEPTION_METRICS) & {*config.eval.metrics, *config.training.final_eval_metrics}:
     splits.append(config.eval.fid_split)
   return input_pipeline.check_splits(config, splits)
 
@@ -183,6 +211,54 @@ def check_training_labels(config: ml_collections.ConfigDict, source=None) -> Non
   if have is not None and have > k:
     raise ValueError(f"Dataset {config.data.dataset!r} has {have} classes (labels 0..{have - 1})"
                      f" but model.num_classes={k}; set --config.model.num_classes={have}.")
+
+
+def _as_flag(key: str, value) -> str:
+  """`--config.<key>=<value>` as config_flags parses it (a JSON list is a tuple there)."""
+  return f"--config.{key}={tuple(value) if isinstance(value, list) else value}"
+
+
+def check_init_from(config: ml_collections.ConfigDict, model, workdir: str | None = None) -> None:
+  """training.init_from: the run or imported model W a new run starts from, checked before any
+  compile: W has a checkpoint, its config.json the same architecture, and that checkpoint params
+  of this model's shapes (Orbax's metadata only: no array is read). A changed diffusion process
+  (schedule, T, output, variance, loss) is fine-tuning, so it is only logged. Nothing is checked
+  when `workdir` already holds a checkpoint: that run resumes and init_from is ignored.
+  """
+  source = str(config.training.init_from)
+  if not source or (workdir is not None and checkpointing.latest_step(workdir) is not None):
+    return
+  make = ("train one (python -m ddpm_jax.main --mode=train --workdir=W) or import a published "
+          "model (python -m ddpm_jax.import_checkpoint --src=... --workdir=W)")
+  if not epath.Path(source).is_dir():
+    raise ValueError(f"training.init_from={source}: no such directory. Name the workdir of a "
+                     f"trained run or of an imported model; {make}.")
+  step = checkpointing.latest_step(source)
+  if step is None:
+    raise ValueError(f"training.init_from={source} has no checkpoint in "
+                     f"{checkpointing.checkpoint_dir(source)}; {make}.")
+  recorded = run_config.segment_config(source, step)
+  process = {}
+  if recorded is None:
+    logging.warning("training.init_from=%s has no config.json: only its parameter shapes are "
+                    "checked against this config.", source)
+  else:
+    diff = run_config.differences(recorded, run_config.flat(config))
+    arch = run_config.architecture_fields(diff)
+    if arch:
+      raise ValueError(
+          f"training.init_from={source} holds another model than this config builds:" +
+          "".join(f"\n  {k}: {source} has {a!r}, this config {b!r}" for k, (a, b) in arch.items())
+          + f"\nUse {source}'s model settings ({source}/config.json): " +
+          " ".join(_as_flag(k, a) for k, (a, _) in arch.items() if a is not None) + ".")
+    process = {k: v for k, v in diff.items() if k in run_config.PROCESS}
+    if process:
+      logging.warning("Fine-tuning %s with another diffusion process than it was trained with:%s",
+                      source, "".join(f"\n  {k}: {a!r} -> {b!r}" for k, (a, b) in process.items()))
+  abstract = train_state_lib.abstract_params(config, model, mesh_lib.make_mesh())
+  hint = ", ".join(f"{k}: {source} has {a!r}, this config {b!r}" for k, (a, b) in process.items())
+  checkpointing.check_params(source, abstract, use_ema=bool(config.training.init_from_ema),
+                             hint=hint, step=step)
 
 
 def check_class_label(config, label: int, what: str = "sampling.class_label") -> None:
@@ -261,8 +337,8 @@ def check_inception_weights(config: ml_collections.ConfigDict) -> str:
         "found). Make it once on a machine with internet: download pytorch-fid's "
         "pt_inception-2015-12-05-6726825d.pth, run `python tools/convert_inception_weights.py "
         "--pth pt_inception-2015-12-05-6726825d.pth --out inception_fid.npz`, then pass "
-        "--config.eval.inception_weights=inception_fid.npz. Or drop 'fid' from "
-        "--config.eval.metrics.")
+        "--config.eval.inception_weights=inception_fid.npz. Or drop 'fid', 'kid' and "
+        "'precision_recall' from --config.eval.metrics.")
   return path
 
 

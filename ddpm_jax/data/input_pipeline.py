@@ -69,6 +69,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "celeb_a_hq": DatasetSpec("celeb_a_hq/256", 256, 3, ("train",), None),
     "lsun_bedroom": DatasetSpec("lsun/bedroom", 256, 3, ("train", "validation"), None),
     "lsun_church": DatasetSpec("lsun/church_outdoor", 256, 3, ("train", "validation"), None),
+    "lsun_cat": DatasetSpec("lsun/cat", 256, 3, ("train",), None),  # an object category: train only
     # data.data_dir holds the images (or ddpm_jax.pack_folder's output); any size, 1 or 3 channels.
     "folder": DatasetSpec(None, 32, 3, ("train",)),
 }
