@@ -11,41 +11,37 @@ as a diffusers folder, imports it with `ddpm_jax.interop.importer` and prints
     absolute difference after 10 DDIM steps from the same x_T: ours on the 'trailing' grid
     against `DDIMScheduler` with timestep_spacing='trailing', x0 clipped (diffusers'
     use_clipped_model_output=True, which is what our DDIM does).
-Both sides use our float64 abar rounded to float32 (diffusers takes its cumulative product in
-float32: 1.7e-5 relative error at t = 999 on the linear schedule; tests/interop_test.py checks
-the tables agree to 1e-4). With each side running its own network, the two forward passes'
-float32 differences (about 1e-6 relative) are amplified by 1 / sqrt(abar_T) in an eps model's
-first x0 estimate: large where abar_T is near 0 (cosine, sigmoid); the "same network" column
-drives diffusers' scheduler with our network's outputs, comparing the update rules alone.
+End to end, each side runs its own network and diffusers its own scheduler built from our
+exported config (its abar a float32 cumulative product: 1.7e-5 relative from ours at t = 999 on
+the linear schedule). The two forward passes' float32 differences (about 1e-6 relative) are then
+amplified by 1 / sqrt(abar_T) in an eps model's first x0 estimate: large where abar_T is near 0
+(cosine, sigmoid). The "same network" column drives diffusers' scheduler with our network's
+outputs and our abar (rounded once to float32): the update rules alone.
 Asserts nothing: tests/interop_test.py holds the bounds (1e-5 and 1e-4).
 """
 
-import functools
 import os
 import sys
 import tempfile
 
 from absl import app
 from absl import flags
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
 
-from benchmarks import vs_diffusers
 from configs import cifar10
 from configs import digits
 from configs import workdir as workdir_config
-from ddpm_jax import sampling
 from ddpm_jax.config import factories
 from ddpm_jax.core import schedules
-from ddpm_jax.interop import diffusers_layout
 from ddpm_jax.interop import importer
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import process_env
 from ddpm_jax.runtime import train_state as train_state_lib
+from tests import diffusers_reference
 
 _CIFAR10 = flags.DEFINE_bool("cifar10", False, "Also the CIFAR-10 layout (35.7M params).")
 
@@ -55,7 +51,7 @@ def forward_error(get_config, tmp: str, name: str) -> tuple[int, float]:
   import torch  # pylint: disable=g-import-not-at-top
 
   config = get_config()
-  unet = vs_diffusers.randomise(vs_diffusers.diffusers_unet(config), seed=1)
+  unet = diffusers_reference.randomise(diffusers_reference.diffusers_unet(config), seed=1)
   src, workdir = os.path.join(tmp, f"{name}_src"), os.path.join(tmp, f"{name}_W")
   unet.save_pretrained(src)
   diffusers.DDPMScheduler(variance_type="fixed_large").save_pretrained(src)
@@ -76,50 +72,6 @@ def forward_error(get_config, tmp: str, name: str) -> tuple[int, float]:
       np.abs(ours - theirs).max() / np.abs(theirs).max())
 
 
-@functools.cache
-def _digits_networks():
-  """(diffusers' random digits U-Net, our jitted model_fn with its weights): the schedule and the
-  prediction type do not change the network, so every DDIM case shares one."""
-  config = digits.get_config()
-  unet = vs_diffusers.randomise(vs_diffusers.diffusers_unet(config), seed=2)
-  model = factories.create_model(config)
-  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)),
-                                             jnp.zeros((1,)), train=False))["params"]
-  params = diffusers_layout.params_from_state_dict(
-      {k: v.numpy() for k, v in unet.state_dict().items()}, shapes, 2)
-  return unet, jax.jit(lambda x_, t_: model.apply({"params": params}, x_, t_, train=False))
-
-
-def ddim_difference(schedule: str, output: str, shared_network: bool) -> float:
-  """Largest |ours - theirs| after 10 DDIM steps; `shared_network`: diffusers' scheduler is
-  driven by our network's outputs (its arithmetic alone), else each side runs its own network."""
-  import diffusers  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-
-  config = digits.get_config()
-  config.diffusion.update(schedule=schedule, model_output=output)
-  unet, model_fn = _digits_networks()
-  cfg = diffusers_layout.scheduler_config(config.diffusion.to_dict())
-  ddim = diffusers.DDIMScheduler.from_config({**cfg, "_class_name": "DDIMScheduler"})
-  tables = factories.tables_from_config(config)
-  ddim.alphas_cumprod = torch.from_numpy(np.asarray(tables.abar, np.float32))
-  ddim.set_timesteps(10)
-  x_t = np.random.default_rng(1).standard_normal((4, 8, 8, 1)).astype(np.float32)
-  x = torch.from_numpy(x_t.transpose(0, 3, 1, 2).copy())
-  with torch.no_grad():
-    for t in ddim.timesteps:
-      if shared_network:
-        out = np.asarray(model_fn(x.numpy().transpose(0, 2, 3, 1), jnp.full((4,), float(t))))
-        out = torch.from_numpy(out.transpose(0, 3, 1, 2).copy())
-      else:
-        out = unet(x, t).sample
-      x = ddim.step(out, t, x, eta=0.0, use_clipped_model_output=True).prev_sample
-  sampler = sampling.get_sampler("ddim", tables, model_output=output, num_steps=10,
-                                 grid="trailing")
-  ours, _ = sampler(model_fn, jax.random.key(0), x_t.shape, x_start=x_t, t_start=999)
-  return float(np.abs(np.asarray(ours) - x.numpy().transpose(0, 2, 3, 1)).max())
-
-
 def main(_):
   with tempfile.TemporaryDirectory() as tmp:
     rows = [("digits", digits.get_config)] + ([("cifar10", cifar10.get_config)]
@@ -130,12 +82,11 @@ def main(_):
       print(f"| {name} | {count:,} | {err:.1e} |")
   print("\n| schedule | prediction | abar_T | DDIM-10 max abs diff, each its own network | "
         "same network (scheduler arithmetic) |\n|---|---|---:|---:|---:|")
-  cases = [(s, o) for s in schedules.SCHEDULES for o in ("eps", "v") if (s, o) != ("jsd", "eps")]
-  for schedule, output in cases:
+  for schedule, output in diffusers_reference.DDIM_CASES:
     abar_t = float(np.prod(1 - schedules.SCHEDULES[schedule](1000)))
     print(f"| {schedule} | {output} | {abar_t:.1e} | "
-          f"{ddim_difference(schedule, output, False):.1e} | "
-          f"{ddim_difference(schedule, output, True):.1e} |")
+          f"{diffusers_reference.ddim_difference(schedule, output, False):.1e} | "
+          f"{diffusers_reference.ddim_difference(schedule, output, True):.1e} |")
 
 
 if __name__ == "__main__":

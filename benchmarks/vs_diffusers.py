@@ -55,6 +55,7 @@ from ddpm_jax.config import validation
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import process_env
 from ddpm_jax.runtime import train_state as train_state_lib
+from tests.diffusers_reference import diffusers_unet
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/cifar10.py", lock_config=True)
 _BATCHES = flags.DEFINE_list("batches", ["8", "32"], "Batch sizes to time.")
@@ -69,46 +70,6 @@ _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "torch.compile the di
 _ISOLATE = flags.DEFINE_bool(
     "isolate", True, "Run each framework in its own worker process (as users run them), driven "
     "alternately from this one; --noisolate runs both in this process.")
-
-
-def diffusers_unet(config):
-  """diffusers' UNet2DModel laid out as `ddpm_jax.models.UNet` for this config.
-
-  DDPM's layout in diffusers' vocabulary (google/ddpm-cifar10-32 uses the same settings):
-  sinusoidal embedding [sin, cos] with frequencies 10000^(-i / (half - 1)) (freq_shift=1, no
-  flip), GroupNorm eps 1e-6, one attention head over all channels, TF 'SAME' strided convs
-  (downsample_padding=0 pads right/bottom as TF does).
-  """
-  from diffusers import UNet2DModel  # pylint: disable=g-import-not-at-top
-
-  m, d = config.model, config.data
-  attn_at = [d.image_size // 2**level in m.attn_resolutions for level in range(len(m.ch_mult))]
-  down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn_at)
-  up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn_at))
-  return UNet2DModel(
-      sample_size=d.image_size, in_channels=d.num_channels, out_channels=d.num_channels,
-      block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
-      down_block_types=down, up_block_types=up, dropout=m.dropout, norm_num_groups=32,
-      norm_eps=1e-6, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
-      downsample_padding=0, act_fn="silu", time_embedding_type="positional")
-
-
-def randomise(unet, seed: int = 0):
-  """Every parameter of a torch module random, in place (GroupNorm scales near 1, the
-  zero-initialised output conv included): a network whose every weight matters for parity."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  gen = torch.Generator().manual_seed(seed)
-  with torch.no_grad():
-    for name, p in unet.named_parameters():
-      noise = torch.randn(p.shape, generator=gen)
-      if p.ndim == 1 and "norm" in name and name.endswith("weight"):
-        p.copy_(1.0 + 0.2 * noise)
-      elif p.ndim == 1:
-        p.copy_(0.2 * noise)
-      else:
-        p.copy_(noise / np.sqrt(p[0].numel()))
-  return unet.eval()
 
 
 class Ours:

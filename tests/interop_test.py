@@ -19,8 +19,6 @@ import pytest
 from safetensors import numpy as st_numpy
 import torch
 
-from benchmarks import diffusers_parity
-from benchmarks import vs_diffusers
 from configs import cifar10
 from configs import digits
 from configs import workdir as workdir_config
@@ -29,12 +27,14 @@ from ddpm_jax.config import factories
 from ddpm_jax.core import schedules
 from ddpm_jax.interop import diffusers_io
 from ddpm_jax.interop import diffusers_layout
+from ddpm_jax.interop import diffusers_scheduler
 from ddpm_jax.interop import exporter
 from ddpm_jax.interop import importer
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
 from ddpm_jax.runtime import train_state as train_state_lib
+from tests import diffusers_reference
 from tests import helpers
 
 LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_attn"}
@@ -42,12 +42,12 @@ LEGACY = {"to_q": "query", "to_k": "key", "to_v": "value", "to_out.0": "proj_att
 
 def random_unet(config, seed: int = 0, num_class_embeds=None) -> diffusers.UNet2DModel:
   """diffusers' UNet2DModel in the config's DDPM layout, every parameter random."""
-  unet = vs_diffusers.diffusers_unet(config)
+  unet = diffusers_reference.diffusers_unet(config)
   if num_class_embeds:
     kwargs = {k: v for k, v in unet.config.items() if not k.startswith("_")}
     unet = diffusers.UNet2DModel(**{**kwargs, "num_class_embeds": num_class_embeds})
     assert unet.class_embedding is not None
-  return vs_diffusers.randomise(unet, seed)
+  return diffusers_reference.randomise(unet, seed)
 
 
 def save(unet, scheduler, path: str, layout: str) -> str:
@@ -150,6 +150,9 @@ def test_class_conditional_model_round_trips(tmp_path):
   config = digits.get_config()
   unet = random_unet(config, seed=5, num_class_embeds=11)  # 10 classes + the null class
   src = save(unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  with pytest.raises(ValueError, match="null class"):  # diffusers' rows have no null class
+    importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  _edit_json(os.path.join(src, "config.json"), **{diffusers_layout.NULL_CLASS_MARKER: True})
   importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
   config, model, params = load_workdir(str(tmp_path / "W"))
   assert config.model.num_classes == 10
@@ -159,29 +162,29 @@ def test_class_conditional_model_round_trips(tmp_path):
   exporter.export_checkpoint(str(tmp_path / "W"), str(tmp_path / "out"))
   back = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "out")).eval()
   assert back.config.num_class_embeds == 11
+  importer.import_checkpoint(str(tmp_path / "out"), str(tmp_path / "W2"), digits.get_config())
   assert rel_err(torch_out(back, x, t, labels), torch_out(unet, x, t, labels)) == 0.0
 
 
-# Every schedule and prediction (jsd ends at abar_T = 0, where an eps model cannot give x0).
-DDIM_CASES = [(s, o) for s in schedules.SCHEDULES for o in ("eps", "v") if (s, o) != ("jsd", "eps")]
 # Each side on its own network: the forward passes' float32 differences (about 1e-6 relative)
 # are amplified by 1 / sqrt(abar_T) in an eps model's first x0 estimate, which is large where
 # abar_T is near 0 (`benchmarks/diffusers_parity.py` prints the table).
 END_TO_END = [("linear", "eps"), ("quad", "eps"), ("cosine", "v"), ("linear", "x0")]
 
 
-@pytest.mark.parametrize("schedule,output", DDIM_CASES)
+@pytest.mark.parametrize("schedule,output", diffusers_reference.DDIM_CASES)
 def test_ddim_update_matches_diffusers_ddim_scheduler(schedule, output):
   """10 DDIM steps from the same x_T: ours on the 'trailing' grid against DDIMScheduler with
   timestep_spacing='trailing', given each schedule as our exported scheduler config and driven
   by the same network outputs."""
-  assert diffusers_parity.ddim_difference(schedule, output, shared_network=True) <= 1e-4
+  assert diffusers_reference.ddim_difference(schedule, output, shared_network=True) <= 1e-4
 
 
 @pytest.mark.parametrize("schedule,output", END_TO_END)
 def test_ddim_path_matches_diffusers_end_to_end(schedule, output):
-  """The same, each side running its own network (ours imported from diffusers' weights)."""
-  assert diffusers_parity.ddim_difference(schedule, output, shared_network=False) <= 1e-4
+  """The same, each side running its own network (ours imported from diffusers' weights) and
+  diffusers its own scheduler, built from our exported config."""
+  assert diffusers_reference.ddim_difference(schedule, output, shared_network=False) <= 1e-4
 
 
 def test_trailing_grid_is_diffusers_trailing_spacing():
@@ -222,15 +225,21 @@ def test_export_loads_in_diffusers_and_reimports_bitwise(tmp_path, digits_workdi
 def test_scheduler_config_round_trips_every_schedule(schedule, output, var):
   diff = {"schedule": schedule, "num_timesteps": 1000, "model_output": output, "model_var": var,
           "clip_x0": schedule != "quad", "zero_terminal_snr": schedule == "linear"}
-  cfg = diffusers_layout.scheduler_config(diff)
+  cfg = diffusers_scheduler.scheduler_config(diff)
   ours = schedules.make_tables(schedules.get_beta_schedule(schedule, 1000,
                                                             diff["zero_terminal_snr"]))
   theirs = diffusers.DDPMScheduler.from_config(cfg)
   # diffusers computes in float32 (torch), we in float64: the same process to float32 rounding.
   np.testing.assert_allclose(theirs.alphas_cumprod.numpy(), np.asarray(ours.abar), rtol=1e-4,
                              atol=1e-7)
-  back, _ = diffusers_layout.process_from_scheduler(cfg, 32)
+  back, _ = diffusers_scheduler.process_from_scheduler(cfg, 32)
   assert back == {f"diffusion.{k}": v for k, v in diff.items()}
+
+
+def test_export_refuses_a_cloud_folder(tmp_path, digits_workdir):
+  with pytest.raises(ValueError, match="writes a local folder"):
+    exporter.export_checkpoint(digits_workdir, "gs://bucket/out")
+  assert not os.path.exists("gs:")
 
 
 def test_export_refuses_what_diffusers_cannot_express(tmp_path):
@@ -262,6 +271,15 @@ def _edit_json(path: str, **updates) -> None:
   with open(path, encoding="utf-8") as f:
     data = json.load(f)
   data.update(updates)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump(data, f)
+
+
+def _drop_json_keys(path: str, *keys) -> None:
+  with open(path, encoding="utf-8") as f:
+    data = json.load(f)
+  for key in keys:
+    data.pop(key)
   with open(path, "w", encoding="utf-8") as f:
     json.dump(data, f)
 
@@ -299,6 +317,15 @@ BAD_INPUTS = {
     "another embedding": (lambda src: _edit_json(
         os.path.join(src, "config.json"), flip_sin_to_cos=True),
                           r"flip_sin_to_cos=True: needs False"),
+    # No attention on the way down or up, so only the middle block's attention has heads.
+    "several heads in the middle block": (lambda src: _edit_json(
+        os.path.join(src, "config.json"), attention_head_dim=8,
+        down_block_types=["DownBlock2D", "DownBlock2D"], up_block_types=["UpBlock2D", "UpBlock2D"]),
+                                          r"attention_head_dim=8: attention heads of 8 channels "
+                                          r"at 64 channels"),
+    "absent attention_head_dim (diffusers builds 8-channel heads)": (
+        lambda src: _drop_json_keys(os.path.join(src, "config.json"), "attention_head_dim"),
+        r"attention_head_dim=8 \(absent: diffusers' default\).*\"attention_head_dim\": null"),
     "unknown field": (lambda src: _edit_json(
         os.path.join(src, "config.json"), resnet_skip_time_act=True),
                       r"resnet_skip_time_act=True: a field ddpm_jax does not know"),
@@ -320,7 +347,7 @@ def test_bin_without_torch_fails_clearly(tmp_path, digits_unet, monkeypatch):
   monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ImportError
   with pytest.raises(RuntimeError, match=r"torch\.load\(weights_only=True\).*not installed"):
     importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
-  assert not (tmp_path / "W").exists()
+  assert not (tmp_path / "W").exists() and not (tmp_path / "W.partial").exists()
 
 
 def test_refuses_a_workdir_that_holds_something(tmp_path, digits_unet):
@@ -333,23 +360,125 @@ def test_refuses_a_workdir_that_holds_something(tmp_path, digits_unet):
 
 
 def test_hub_repository_is_downloaded_only_when_named(tmp_path, digits_unet, monkeypatch):
-  import huggingface_hub  # pylint: disable=g-import-not-at-top
+  huggingface_hub = pytest.importorskip("huggingface_hub")
   local = save(digits_unet, linear_scheduler(), str(tmp_path / "snapshot"), "flat")
   calls = []
 
   def fake_download(repo_id, allow_patterns=None, cache_dir=None):
-    calls.append((repo_id, tuple(allow_patterns), cache_dir))
+    calls.append((repo_id, tuple(allow_patterns)))
     return local
 
   monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_download)
+  monkeypatch.setattr(huggingface_hub, "list_repo_files",
+                      lambda repo: ["config.json", diffusers_io.SAFETENSORS, diffusers_io.BIN])
   importer.import_checkpoint(local, str(tmp_path / "W1"), digits.get_config())
   assert not calls  # a local folder never touches the Hub
   monkeypatch.chdir(tmp_path)  # "google/ddpm-x" is no local path here
   importer.import_checkpoint("google/ddpm-x", str(tmp_path / "W2"), digits.get_config())
+  # The configs first (checked before any weights move), then the safetensors file only.
+  assert calls == [("google/ddpm-x", ("*.json",)),
+                   ("google/ddpm-x", (f"*{diffusers_io.SAFETENSORS}",))]
   importer.import_checkpoint("hf://google/ddpm-y", str(tmp_path / "W3"), digits.get_config())
-  assert [c[0] for c in calls] == ["google/ddpm-x", "google/ddpm-y"]
-  assert all("*.json" in c[1] for c in calls)
+  assert calls[-1][0] == "google/ddpm-y"
   assert json.loads((tmp_path / "W2" / "imported.json").read_text())["source"] == "google/ddpm-x"
+  # A mistyped path under an existing folder, or a TF1 prefix, is never taken for a repository.
+  (tmp_path / "runs").mkdir()
+  assert not diffusers_io.is_hub_id("runs/typo")
+  assert not diffusers_io.is_hub_id("ckpts/model.ckpt-790000")
+  n = len(calls)
+  with pytest.raises(FileNotFoundError, match="runs/typo is not a folder"):
+    importer.import_checkpoint("runs/typo", str(tmp_path / "W4"), digits.get_config())
+  assert len(calls) == n
+  # A repository whose config does not fit is refused before its weights are downloaded.
+  _edit_json(os.path.join(local, "config.json"), flip_sin_to_cos=True)
+  with pytest.raises(ValueError, match="flip_sin_to_cos"):
+    importer.import_checkpoint("google/ddpm-z", str(tmp_path / "W5"), digits.get_config())
+  assert calls[n:] == [("google/ddpm-z", ("*.json",))]
+
+
+def test_hub_download_failure_names_both_readings(monkeypatch, tmp_path):
+  huggingface_hub = pytest.importorskip("huggingface_hub")
+
+  def offline(*args, **kwargs):
+    raise OSError("offline")
+
+  monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+  monkeypatch.chdir(tmp_path)
+  with pytest.raises(FileNotFoundError, match=r"no local path, and downloading the Hub "
+                                              r"repository org/model failed \(OSError: offline\)"):
+    importer.import_checkpoint("org/model", str(tmp_path / "W"), digits.get_config())
+  assert not (tmp_path / "W").exists()
+
+
+def test_defaults_are_diffusers_defaults():
+  """A field config.json omits is read as diffusers reads it: UNet2DModel's own default."""
+  import inspect  # pylint: disable=g-import-not-at-top
+  signature = inspect.signature(diffusers.UNet2DModel.__init__).parameters
+  theirs = {k: p.default for k, p in signature.items() if k != "self"}
+  assert diffusers_layout.DIFFUSERS_DEFAULTS == theirs
+
+
+# The fields of the published google/ddpm-* configs (written by diffusers 0.0.4, e.g.
+# google/ddpm-cat-256); every other field takes diffusers' default.
+PUBLISHED_FIELDS = ("_class_name", "_diffusers_version", "act_fn", "attention_head_dim",
+                    "block_out_channels", "center_input_sample", "down_block_types",
+                    "downsample_padding", "flip_sin_to_cos", "freq_shift", "in_channels",
+                    "layers_per_block", "mid_block_scale_factor", "norm_eps", "norm_num_groups",
+                    "out_channels", "sample_size", "time_embedding_type", "up_block_types")
+# Their scheduler config (diffusers 0.1.1).
+PUBLISHED_SCHEDULER = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1",
+                       "beta_end": 0.02, "beta_schedule": "linear", "beta_start": 0.0001,
+                       "clip_sample": True, "num_train_timesteps": 1000, "trained_betas": None,
+                       "variance_type": "fixed_small"}
+
+
+def test_published_config_style_imports_as_diffusers_reads_it(tmp_path, digits_unet):
+  """A folder laid out as the published google/ddpm-* ones (old config fields, legacy attention
+  names in a .bin): imported, it gives what diffusers' own from_pretrained of it gives."""
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "legacy_bin")
+  path = os.path.join(src, "config.json")
+  with open(path, encoding="utf-8") as f:
+    cfg = json.load(f)
+  with open(path, "w", encoding="utf-8") as f:
+    json.dump({k: cfg[k] for k in PUBLISHED_FIELDS if k in cfg} | {"_diffusers_version": "0.0.4"},
+              f)
+  with open(os.path.join(src, diffusers_io.SCHEDULER_CONFIG), "w", encoding="utf-8") as f:
+    json.dump(PUBLISHED_SCHEDULER, f)
+  record = importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert record["fields_from_model"]["diffusion.model_var"] == "fixed_small"
+  theirs = diffusers.UNet2DModel.from_pretrained(src).eval()
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  x, t = inputs(config)
+  assert rel_err(our_out(model, params, x, t), torch_out(theirs, x, t)) <= 1e-5
+
+
+@pytest.mark.parametrize("name,extra,variance", [
+    ("DDIMScheduler", {"set_alpha_to_one": True}, "fixed_large"),  # DDPM's setting at 32 px
+    ("PNDMScheduler", {"skip_prk_steps": True}, "fixed_large"),
+    ("DDPMScheduler", {"variance_type": "fixed_small_log"}, "fixed_small"),
+])
+def test_other_scheduler_configs(name, extra, variance):
+  cfg = {"_class_name": name, "num_train_timesteps": 1000, "beta_schedule": "linear",
+         "beta_start": 1e-4, "beta_end": 0.02, **extra}
+  process, notes = diffusers_scheduler.process_from_scheduler(cfg, 32)
+  assert process["diffusion.model_var"] == variance
+  assert process["diffusion.schedule"] == "linear"
+  assert any("published" in n for n in notes) == (name != "DDPMScheduler")
+
+
+def test_float32_betas_match_our_schedule():
+  """trained_betas written from a float32 tensor are still our schedule."""
+  betas = schedules.SCHEDULES["cosine"](1000).astype(np.float32).tolist()
+  process, _ = diffusers_scheduler.process_from_scheduler(
+      {"_class_name": "DDPMScheduler", "trained_betas": betas}, 32)
+  assert process["diffusion.schedule"] == "cosine"
+
+
+def test_workdir_config_restores_tuples_and_names_a_missing_record(tmp_path, digits_workdir):
+  config = workdir_config.get_config(digits_workdir)
+  assert config.model.ch_mult == (1, 2) and config.eval.metrics == ("digits_score", "bpd")
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    workdir_config.get_config(str(tmp_path))
 
 
 @pytest.mark.slow

@@ -22,8 +22,9 @@ SAFETENSORS = "diffusion_pytorch_model.safetensors"
 BIN = "diffusion_pytorch_model.bin"
 MODEL_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
-# "org/name", as the Hub names repositories.
+# "org/name", as the Hub names repositories (a TF1 prefix such as "dir/model.ckpt-790000" is not).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_TF1_PREFIX = re.compile(r"\.ckpt(-\d+)?$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,23 +41,77 @@ def is_hub_id(src: str) -> bool:
   'org/name' that is no local path)."""
   if src.startswith("hf://"):
     return True
-  return bool(_HUB_ID.match(src)) and not os.path.exists(src)
+  first = src.split("/", 1)[0]
+  return (bool(_HUB_ID.match(src)) and not _TF1_PREFIX.search(src) and not os.path.exists(src)
+          and not os.path.isdir(first))  # "runs/typo": a local folder's child, not a repository
 
 
-def download(src: str, cache_dir: str | None = None) -> str:
-  """Downloads the model and scheduler files of a Hub repository; returns the local folder.
-
-  Only ever called when the user named a Hub repository as --src.
-  """
-  repo = src.removeprefix("hf://")
+def _hub():
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
   except ImportError as e:
-    raise RuntimeError(f"--src={src} names a Hugging Face Hub repository; downloading it needs "
-                       "huggingface_hub: pip install -e '.[hub]' (or download the folder "
-                       "yourself and pass its path).") from e
-  patterns = ["*.json", f"*{SAFETENSORS}", f"*{BIN}"]
-  return huggingface_hub.snapshot_download(repo, allow_patterns=patterns, cache_dir=cache_dir)
+    raise RuntimeError("Downloading from the Hugging Face Hub needs huggingface_hub: pip install "
+                       "-e '.[hub]' (or download the folder yourself and pass its path).") from e
+  return huggingface_hub
+
+
+def download(src: str, files: str = "configs", cache_dir: str | None = None) -> str:
+  """Downloads part of a Hub repository's model; returns the local snapshot folder.
+
+  Only ever called when the user named a Hub repository as --src. `files="configs"` fetches the
+  JSON configs (checked before any weights move), `"weights"` then the one weights file the
+  importer will read (safetensors if the repository has it, else the .bin).
+  """
+  repo = src.removeprefix("hf://")
+  hub = _hub()
+  try:
+    if files == "configs":
+      patterns = ["*.json"]
+    else:
+      names = hub.list_repo_files(repo)
+      name = SAFETENSORS if any(n.endswith(SAFETENSORS) for n in names) else BIN
+      patterns = [f"*{name}"]
+    return hub.snapshot_download(repo, allow_patterns=patterns, cache_dir=cache_dir)
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"--src={src} is no local path, and downloading the Hub repository {repo} failed "
+        f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). For a local folder "
+        "or TF1 checkpoint, check the path; for the Hub, the repository id and the network.") from e
+
+
+def _model_dir(root: str) -> str:
+  if not os.path.isdir(root):
+    raise FileNotFoundError(f"{root} is not a folder (nor a Hub repository id such as "
+                            "google/ddpm-cifar10-32, nor a TF1 checkpoint prefix).")
+  index = os.path.join(root, "model_index.json")
+  if os.path.isfile(index):
+    latent = sorted({"vae", "vqvae", "text_encoder"} & set(read_json(index)))
+    if latent:
+      raise ValueError(f"{index} names {latent}: a latent or text-conditioned pipeline; ddpm_jax "
+                       "imports pixel-space DDPM U-Nets (UNet2DModel).")
+  model_dir = next((d for d in (root, os.path.join(root, "unet"))
+                    if os.path.isfile(os.path.join(d, MODEL_CONFIG))), None)
+  if model_dir is None:
+    raise FileNotFoundError(
+        f"{root} holds no {MODEL_CONFIG} (nor unet/{MODEL_CONFIG}): a diffusers UNet2DModel "
+        f"folder holds {MODEL_CONFIG} and {SAFETENSORS} (or {BIN}), and usually "
+        f"{SCHEDULER_CONFIG}.")
+  return model_dir
+
+
+def _scheduler_path(root: str, model_dir: str) -> str | None:
+  return next((p for p in (os.path.join(root, SCHEDULER_CONFIG),
+                           os.path.join(root, "scheduler", SCHEDULER_CONFIG),
+                           os.path.join(model_dir, SCHEDULER_CONFIG)) if os.path.isfile(p)),
+              None)
+
+
+def find_configs(root: str) -> tuple[str, dict, dict | None]:
+  """(model folder, its config.json, its scheduler config or None), in either layout."""
+  model_dir = _model_dir(root)
+  scheduler = _scheduler_path(root, model_dir)
+  return (model_dir, read_json(os.path.join(model_dir, MODEL_CONFIG)),
+          None if scheduler is None else read_json(scheduler))
 
 
 def find(root: str) -> Folder:
@@ -65,26 +120,14 @@ def find(root: str) -> Folder:
   Raises:
     FileNotFoundError: naming what is missing and what a diffusers folder holds.
   """
-  if not os.path.isdir(root):
-    raise FileNotFoundError(f"{root} is not a folder (nor a Hub repository id such as "
-                            "google/ddpm-cifar10-32).")
-  candidates = [root, os.path.join(root, "unet")]
-  model_dir = next((d for d in candidates if os.path.isfile(os.path.join(d, MODEL_CONFIG))), None)
-  if model_dir is None:
-    raise FileNotFoundError(
-        f"{root} holds no {MODEL_CONFIG} (nor unet/{MODEL_CONFIG}): a diffusers UNet2DModel "
-        f"folder holds {MODEL_CONFIG} and {SAFETENSORS} (or {BIN}), and usually "
-        f"{SCHEDULER_CONFIG}.")
+  model_dir = _model_dir(root)
   weights = next((os.path.join(model_dir, n) for n in (SAFETENSORS, BIN)
                   if os.path.isfile(os.path.join(model_dir, n))), None)
   if weights is None:
     present = sorted(os.listdir(model_dir))
     raise FileNotFoundError(f"{model_dir} holds no {SAFETENSORS} or {BIN} (it has {present}).")
-  scheduler = next((p for p in (os.path.join(root, SCHEDULER_CONFIG),
-                                os.path.join(root, "scheduler", SCHEDULER_CONFIG),
-                                os.path.join(model_dir, SCHEDULER_CONFIG)) if os.path.isfile(p)),
-                   None)
-  return Folder(root, os.path.join(model_dir, MODEL_CONFIG), weights, scheduler)
+  return Folder(root, os.path.join(model_dir, MODEL_CONFIG), weights,
+                _scheduler_path(root, model_dir))
 
 
 def read_json(path: str) -> dict:
@@ -110,7 +153,10 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     try:
       tensors = st_numpy.load_file(path)
     except Exception as e:  # pylint: disable=broad-except
-      raise ValueError(f"{path} is not a readable safetensors file: {e}") from e
+      hint = (" It holds bfloat16 tensors, which numpy cannot read: convert it to float32 "
+              "(e.g. in PyTorch)." if "bf16" in str(e).lower() or "bfloat16" in str(e).lower()
+              else "")
+      raise ValueError(f"{path} is not a readable safetensors file: {e}.{hint}") from e
     return {k: np.asarray(v, np.float32) for k, v in tensors.items()}
   try:
     import torch  # pylint: disable=g-import-not-at-top
@@ -118,7 +164,7 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
     raise RuntimeError(
         f"{path} is a PyTorch pickle (.bin); ddpm_jax reads it only with "
         "torch.load(weights_only=True), and torch is not installed. Install it "
-        "(pip install torch==2.13.0) or convert the file to safetensors "
+        "(pip install -e '.[torch]') or convert the file to safetensors "
         f"(the folder's {SAFETENSORS}, which most Hub repositories also have).") from e
   try:
     state = torch.load(path, map_location="cpu", weights_only=True)
@@ -127,6 +173,9 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
                      f"(torch.load(weights_only=True) refused it): {e}") from e
   if not isinstance(state, dict):
     raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict.")
+  not_tensors = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+  if not_tensors:
+    raise ValueError(f"{path} is not a plain state dict: {not_tensors[:5]} are not tensors.")
   return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
 
 

@@ -17,8 +17,10 @@ import jax
 import numpy as np
 
 from ddpm_jax.config import factories
+from ddpm_jax.core import diffusion
 from ddpm_jax.interop import diffusers_io
 from ddpm_jax.interop import diffusers_layout
+from ddpm_jax.interop import diffusers_scheduler
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
@@ -27,8 +29,7 @@ from ddpm_jax.runtime import train_state as train_state_lib
 
 def _fields(config) -> dict:
   d, m = config.data, config.model
-  channels = d.num_channels * (2 if config.diffusion.model_var in ("learned", "learned_range")
-                               else 1)
+  channels = d.num_channels * (2 if config.diffusion.model_var in diffusion.LEARNED_VARS else 1)
   return {"data.image_size": d.image_size, "data.num_channels": d.num_channels, "model.ch": m.ch,
           "model.ch_mult": tuple(m.ch_mult), "model.num_res_blocks": m.num_res_blocks,
           "model.attn_resolutions": tuple(m.attn_resolutions),
@@ -50,7 +51,7 @@ def diffusers_configs(config) -> tuple[dict, dict]:
   except diffusers_layout.LayoutError as e:
     problems.append(str(e))
   try:
-    sched_cfg = diffusers_layout.scheduler_config(config.diffusion.to_dict())
+    sched_cfg = diffusers_scheduler.scheduler_config(config.diffusion.to_dict())
   except diffusers_layout.LayoutError as e:
     problems.append(str(e))
   if problems:
@@ -65,6 +66,9 @@ def export_checkpoint(workdir: str, out: str, *, use_ema: bool = True,
   if config is None:
     raise FileNotFoundError(f"{workdir} has no config.json: not a ddpm_jax workdir.")
   unet_cfg, sched_cfg = diffusers_configs(config)
+  if "://" in out:
+    raise ValueError(f"--out={out}: the exporter writes a local folder; export there, then copy "
+                     "it (e.g. gcloud storage cp -r).")
   if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
     raise FileExistsError(f"{out} exists and is not empty; choose a new --out.")
   model = factories.create_model(config)

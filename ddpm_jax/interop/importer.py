@@ -34,22 +34,13 @@ import orbax.checkpoint as ocp
 
 from ddpm_jax.config import factories
 from ddpm_jax.config import validation
+from ddpm_jax.core import diffusion
 from ddpm_jax.interop import diffusers_io
 from ddpm_jax.interop import diffusers_layout
+from ddpm_jax.interop import diffusers_scheduler
 from ddpm_jax.models import unet as unet_lib
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import run_config
-
-# DDPM's published process (Ho et al. 2020, hojonathanho/diffusion scripts/run_*.py): linear betas
-# 1e-4..0.02 over T = 1000, eps prediction, x0 clipped when sampling; the CIFAR-10 model samples
-# with the "fixedlarge" variance, the 256x256 models (CelebA-HQ, LSUN) with "fixedsmall".
-DDPM_PUBLISHED = {"diffusion.schedule": "linear", "diffusion.num_timesteps": 1000,
-                  "diffusion.model_output": "eps", "diffusion.clip_x0": True,
-                  "diffusion.zero_terminal_snr": False}
-
-
-def ddpm_published_variance(image_size: int) -> str:
-  return "fixed_large" if image_size <= 32 else "fixed_small"
 
 
 @dataclasses.dataclass
@@ -88,37 +79,49 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
         "model.num_res_blocks": arch["num_res_blocks"],
         "model.attn_resolutions": tuple(image_size // 2**lv for lv in arch["attn_levels"]),
         "model.resamp_with_conv": arch["resamp_with_conv"], "model.num_classes": 0,
-        **DDPM_PUBLISHED,
-        "diffusion.model_var": ("learned" if arch["out_channels"] == 2 * arch["in_channels"]
-                                else ddpm_published_variance(image_size)),
+        **diffusers_scheduler.ddpm_published(image_size),
     }
+    if arch["out_channels"] == 2 * arch["in_channels"]:
+      fields["diffusion.model_var"] = "learned"
     notes = [f"TF1 checkpoint: {'EMA' if ema else 'raw'} weights; the process is DDPM's "
              f"published one (linear, T=1000, eps, {fields['diffusion.model_var']})"]
+    attn = sorted(set(fields["model.attn_resolutions"]))
+    if attn != [16]:
+      notes.append(
+          f"a TF1 checkpoint does not record its image size: {image_size} was taken from the "
+          f"config (data.image_size), which puts attention at {attn} px; DDPM's published "
+          "models all have it at 16 px (32 px images for CIFAR-10, 256 px for the others). "
+          "Check --config.data.image_size.")
     return Model("tf1", fields, params, step, notes, src)
+  hub = diffusers_io.is_hub_id(src)
   folder_src = src
-  if diffusers_io.is_hub_id(src):
-    logging.info("Downloading %s from the Hugging Face Hub.", src)
-    folder_src = diffusers_io.download(src, cache_dir=hub_cache)
-  folder = diffusers_io.find(folder_src)
-  model_cfg = diffusers_io.read_json(folder.model_config)
-  arch = diffusers_layout.arch_from_unet_config(model_cfg)
+  if hub:  # the configs first: a model that does not fit is refused before its weights move
+    logging.info("Downloading the configs of %s from the Hugging Face Hub.", src)
+    folder_src = diffusers_io.download(src, "configs", cache_dir=hub_cache)
+  root, model_cfg, scheduler_cfg = diffusers_io.find_configs(folder_src)
+  arch = diffusers_layout.arch_from_unet_config(model_cfg, default_size=image_size)
   out_channels = arch.pop("out_channels")
   size = arch["data.image_size"]
   notes = []
-  if folder.scheduler_config:
-    process, notes = diffusers_layout.process_from_scheduler(
-        diffusers_io.read_json(folder.scheduler_config), size)
+  if "sample_size" not in model_cfg or model_cfg["sample_size"] is None:
+    notes.append(f"config.json has no sample_size: {size} taken from the config")
+  if scheduler_cfg is not None:
+    process, notes = diffusers_scheduler.process_from_scheduler(scheduler_cfg, size)
   else:
-    process = {**DDPM_PUBLISHED, "diffusion.model_var": ddpm_published_variance(size)}
+    process = diffusers_scheduler.ddpm_published(size)
     notes.append(f"no {diffusers_io.SCHEDULER_CONFIG}: using DDPM's published process (linear, "
                  f"T=1000, eps, {process['diffusion.model_var']})")
-  learned = process["diffusion.model_var"] in ("learned", "learned_range")
+  learned = process["diffusion.model_var"] in diffusion.LEARNED_VARS
   if learned != (out_channels == 2 * arch["data.num_channels"]):
     raise diffusers_layout.LayoutError(
         f"The model has out_channels={out_channels} for in_channels={arch['data.num_channels']} "
         f"but its scheduler's variance is {process['diffusion.model_var']!r}: a learned variance "
         "needs twice the image channels, a fixed one the same number.")
-  weights = diffusers_io.read_weights(folder.weights)  # before anything is written
+  if hub:
+    logging.info("Downloading the weights of %s.", src)
+    folder_src = diffusers_io.download(src, "weights", cache_dir=hub_cache)
+  weights = diffusers_io.read_weights(diffusers_io.find(folder_src).weights)  # before any write
+  del root
   num_levels = len(arch["model.ch_mult"])
   return Model("diffusers", {**arch, **process},
                lambda shapes: diffusers_layout.params_from_state_dict(weights, shapes, num_levels),
@@ -158,8 +161,8 @@ def _check_tree(params, shapes) -> None:
   problems = [f"{k}: weights {got.get(k, 'absent')} vs model {want.get(k, 'absent')}"
               for k in sorted(want.keys() | got.keys()) if got.get(k) != want.get(k)]
   if problems:
-    raise diffusers_layout.LayoutError("The weights do not fit the network:\n  " +
-                                       "\n  ".join(problems[:20]))
+    raise diffusers_layout.LayoutError(diffusers_layout.problems_text(
+        "The weights do not fit the network", problems))
 
 
 def _save(workdir: str, config, params, step: int, record: dict) -> None:
@@ -196,12 +199,10 @@ def import_checkpoint(src: str, workdir: str, base: ml_collections.ConfigDict, *
   check_new_workdir(workdir)
   model = read_source(src, image_size=int(base.data.image_size), ema=ema, hub_cache=hub_cache)
   config, changed = apply_fields(base, model.fields)
-  with config.unlocked():
-    config.sampling.use_ema = True
-  parts = validation.validate(config, mode="sample", open_data=False)
+  config.sampling.use_ema = True
+  validation.validate(config, mode="sample", open_data=False)
   shapes = unet_lib.param_shapes(factories.create_model(config), config.data.image_size,
                                  config.data.num_channels)
-  del parts
   params = model.params(shapes) if callable(model.params) else model.params
   _check_tree(params, shapes)
   count = sum(int(np.size(v)) for v in jax.tree.leaves(params))
