@@ -43,6 +43,11 @@ setuptools.setup(
                  # UNet2DModel and schedulers in PyTorch. torch 2.13.0's CPU wheel (pip takes it
                  # from this machine's disk).
                  "torch==2.13.0", "diffusers==0.42.1"],
+        # JAX for the accelerator (the plain `jax` package runs on the CPU only), at the version
+        # of install_requires that this project is tested with: every worker of a TPU VM or pod
+        # slice needs [tpu], an NVIDIA GPU machine [cuda12] (CUDA 12 wheels, driver >= 525).
+        "tpu": ["jax[tpu]==0.10.2"],
+        "cuda12": ["jax[cuda12]==0.10.2"],
         # --src=org/name of the importer: download a model from the Hugging Face Hub.
         "hub": ["huggingface_hub>=0.30,<3"],
         # Reading `.bin` (PyTorch pickle) model files, with torch.load(weights_only=True).

@@ -42,6 +42,13 @@ _MULTIHOST = flags.DEFINE_enum(
     "Call jax.distributed.initialize(): 'auto' does when --coordinator_address is set or a "
     "multi-worker TPU pod slice is detected.")
 
+_PLATFORM = flags.DEFINE_enum(
+    "platform", "auto", ["auto", "cpu", "gpu", "tpu"],
+    "The devices to run on: 'auto' expects the accelerator this host has (a TPU VM, an NVIDIA "
+    "GPU) and stops before anything compiles if JAX sees only CPUs (JAX installed without its "
+    "plugin: pip install -e '.[tpu]' or '.[cuda12]'); 'gpu'/'tpu' require one; 'cpu' runs on "
+    "the CPU whatever the host has.")
+
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Set by the SIGTERM handler that `run()` installs; the train loop turns it into a save and
@@ -65,10 +72,22 @@ def init_distributed() -> None:
                              num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def check_backend() -> None:
+  """Stops (exit 1, with the install command) an accelerator run whose JAX has no accelerator."""
+  from ddpm_jax.runtime import backend  # pylint: disable=g-import-not-at-top
+  try:
+    backend.check_plugin(_PLATFORM.value)  # before jax.distributed looks for a TPU cluster
+    init_distributed()
+    import jax  # pylint: disable=g-import-not-at-top
+    backend.check(_PLATFORM.value, [d.platform for d in jax.devices()])
+  except backend.BackendError as e:
+    sys.exit(f"ddpm_jax: {e}")
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  init_distributed()
+  check_backend()  # initialises jax.distributed too
   # Imported after jax.distributed so that nothing touches the backend before it is set up.
   import jax  # pylint: disable=g-import-not-at-top
 

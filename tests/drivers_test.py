@@ -27,6 +27,7 @@ from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import train
 
 from helpers import REPO_ROOT
+from helpers import FakeInception
 from helpers import main_command
 from helpers import subprocess_env
 from helpers import tiny_config
@@ -227,30 +228,12 @@ def test_fid_without_inception_weights_fails_before_loading_anything(tmp_path, m
   assert not os.path.exists(workdir)
 
 
-class _FakeInception:
-  """A fixed random projection of the pixels, standing in for Inception's pool3 and logits."""
-
-  def __init__(self):
-    rng = np.random.default_rng(0)
-    self._pool3 = rng.normal(size=(8 * 8 * 3, FEATURE_DIM))
-    self._logits = rng.normal(size=(8 * 8 * 3, 10)) / 8.0
-    self.calls = 0
-
-  def __call__(self, batch):
-    batch = np.asarray(batch)
-    # The driver must feed uint8 RGB, as the real network expects.
-    assert batch.dtype == np.uint8 and batch.shape[1:] == (8, 8, 3), (batch.dtype, batch.shape)
-    self.calls += 1
-    x = batch.reshape(len(batch), -1).astype(np.float64) / 255.0
-    return {"pool3": x @ self._pool3, "logits": x @ self._logits}
-
-
 @pytest.fixture
 def fake_inception(monkeypatch, tmp_path):
   """(config, fake feature fn): FID against the test split, with Inception swapped out."""
   weights = tmp_path / "inception_fid.npz"
   np.savez(weights, dummy=np.zeros(1))
-  feature_fn = _FakeInception()
+  feature_fn = FakeInception(FEATURE_DIM)
   dummy_variables = {"params": {}}
 
   def load(path):

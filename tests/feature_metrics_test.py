@@ -23,6 +23,7 @@ from ddpm_jax.metrics import feature_metrics as fm
 from ddpm_jax.metrics import fid
 from ddpm_jax.metrics import inception
 
+from helpers import FakeInception
 from helpers import tiny_config
 
 # --------------------------------------------------------------------------------------------
@@ -218,29 +219,12 @@ TEST_SPLIT_SIZE = 360
 FEATURE_DIM = 8
 
 
-class _FakeInception:
-  """A fixed random projection of the pixels, standing in for Inception's pool3 and logits."""
-
-  def __init__(self):
-    rng = np.random.default_rng(0)
-    self._pool3 = rng.normal(size=(8 * 8 * 3, FEATURE_DIM))
-    self._logits = rng.normal(size=(8 * 8 * 3, 10)) / 8.0
-    self.calls = 0
-
-  def __call__(self, batch):
-    batch = np.asarray(batch)
-    assert batch.dtype == np.uint8 and batch.shape[1:] == (8, 8, 3), (batch.dtype, batch.shape)
-    self.calls += 1
-    x = batch.reshape(len(batch), -1).astype(np.float64) / 255.0
-    return {"pool3": x @ self._pool3, "logits": x @ self._logits}
-
-
 @pytest.fixture
 def fake_inception(monkeypatch, tmp_path):
   """(config, fake feature fn): the digits test split as reference, Inception swapped out."""
   weights = tmp_path / "inception_fid.npz"
   np.savez(weights, dummy=np.zeros(1))
-  feature_fn = _FakeInception()
+  feature_fn = FakeInception(FEATURE_DIM)
   monkeypatch.setattr(inception, "load_inception_params", lambda path: {"params": {}})
   monkeypatch.setattr(inception, "make_inception_fn", lambda variables: feature_fn)
   config = tiny_config(**{

@@ -12,6 +12,7 @@ import time
 
 import jax
 import ml_collections
+import numpy as np
 
 from configs import cifar10
 from configs import digits
@@ -186,3 +187,24 @@ def persistent_compilation_cache(cache_dir: str):
     for name, value in saved.items():
       jax.config.update(name, value)
     compilation_cache.reset_cache()
+
+
+class FakeInception:
+  """A fixed random projection of the pixels, standing in for Inception's pool3 and logits.
+
+  Feeds must be uint8 RGB 8x8 (the digits as the drivers hand them over), as the real network
+  expects; `calls` counts the batches embedded.
+  """
+
+  def __init__(self, feature_dim: int):
+    rng = np.random.default_rng(0)
+    self._pool3 = rng.normal(size=(8 * 8 * 3, feature_dim))
+    self._logits = rng.normal(size=(8 * 8 * 3, 10)) / 8.0
+    self.calls = 0
+
+  def __call__(self, batch):
+    batch = np.asarray(batch)
+    assert batch.dtype == np.uint8 and batch.shape[1:] == (8, 8, 3), (batch.dtype, batch.shape)
+    self.calls += 1
+    x = batch.reshape(len(batch), -1).astype(np.float64) / 255.0
+    return {"pool3": x @ self._pool3, "logits": x @ self._logits}
