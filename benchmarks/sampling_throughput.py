@@ -30,6 +30,7 @@ _STEPS = flags.DEFINE_integer("steps", 4, "Model calls timed per sampler.")
 _FULL = flags.DEFINE_list("full_steps", ["ancestral:1000", "ddim:50", "dpm_solver_pp:20"],
                           "Step counts that images/s is reported for.")
 _REPEATS = flags.DEFINE_integer("repeats", 2, "Timed runs; the fastest counts.")
+_SAMPLERS = flags.DEFINE_list("samplers", [], "Samplers to time (default: every one).")
 
 
 def _best_time(fn, *args) -> float:
@@ -65,7 +66,7 @@ def main(_):
 
   full = dict(item.split(":") for item in _FULL.value)
   dconf = config.diffusion
-  for name in sampling.SAMPLERS:
+  for name in _SAMPLERS.value or sampling.SAMPLERS:
     n = _STEPS.value
     if name == "ancestral":
       # A T=n schedule: the same per-step work as the full loop, n model calls.
