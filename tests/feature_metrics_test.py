@@ -252,6 +252,17 @@ def test_reference_features_are_cached_with_the_stats(tmp_path, fake_inception):
   assert abs(same["kid"]) < 0.01 * noisy["kid"]
   assert noisy["precision"] < 0.5 and noisy["kid_subset_size"] == 100
 
+  # The samples a process holds, in any order, with their indices: the same report, IS and the
+  # subset-drawn KID included (features are put back in index order).
+  config.eval.metrics = ("fid", "kid", "precision_recall")
+  evaluate_all = fid_eval.make_evaluator(config, str(tmp_path), config.eval.metrics)
+  order = np.random.default_rng(2).permutation(len(noise))
+  shuffled, whole = evaluate_all(noise[order], order, len(noise)), evaluate_all(noise)
+  assert shuffled.keys() == whole.keys()
+  for key, value in whole.items():  # FID and IS sum in another order: float rounding only
+    assert shuffled[key] == (pytest.approx(value, rel=1e-12) if isinstance(value, float)
+                             else value), key
+
   # A later evaluation embeds only the samples.
   calls = feature_fn.calls
   again = fid_eval.make_evaluator(config, str(tmp_path), config.eval.metrics)(real)
@@ -290,6 +301,9 @@ class _NoiseSampler:
 
   def compile(self, params, rng, n):
     pass
+
+  def local(self, params, rng, n):  # one process: every sample is its own
+    return self(params, rng, n)[0], np.arange(n), None
 
 
 def _report(config, workdir):

@@ -73,15 +73,19 @@ def sample_fn(config, run: Loaded, **kwargs):
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
-  """Writes `samples/<sampler>_<steps>.npz` (uint8), a PNG grid and a trajectory figure."""
+  """Writes `samples/<sampler>_<steps>_step<N>.npz` (uint8), a PNG grid and a trajectory figure.
+
+  On several processes each writes `..._process<k>of<P>.npz` with its own samples and their
+  indices (`index`) in the global order: no host holds every sample.
+  """
   run = load(config, workdir, validation.validate(config, mode="sample"))
   s = config.sampling
   traj_sampler = factories.sampler_from_config(config, run.parts.tables,
                                                trajectory_every=s.trajectory_every)
   traj_fn = generation.make_sample_fn(config, run.parts.model, run.parts.tables, run.mesh,
                                       traj_sampler, classifier=run.classifier)
-  samples, traj = generation.draw_samples(config, sample_fn(config, run), run.params,
-                                          s.num_samples, first_batch_fn=traj_fn)
+  samples, index, traj = generation.draw_local_samples(
+      config, sample_fn(config, run), run.params, s.num_samples, first_batch_fn=traj_fn)
   label = factories.sampler_label(config)
   if config.model.num_classes > 0:  # e.g. ddim_50_class3_w1.0 (class -1: all)
     label += f"_class{s.class_label}_w{s.guidance_scale}"
@@ -89,11 +93,15 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
     label += ("" if config.model.num_classes > 0 else f"_class{s.class_label}") + \
         f"_cg{s.classifier_scale}"
   stem = epath.Path(workdir) / "samples" / f"{label}_step{run.step}"
-  path = stem.parent / f"{stem.name}.npz"  # not with_suffix: "_w1.0_step4" has a dot
-  if jax.process_index() == 0:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("wb") as f:
-      np.savez_compressed(f, samples=samples)
+  # Each process writes the samples its devices drew (key `index`: their places in the global
+  # order); one process writes them all, in order, as before.
+  k, count = jax.process_index(), jax.process_count()
+  suffix = f"_process{k}of{count}" if count > 1 else ""
+  path = stem.parent / f"{stem.name}{suffix}.npz"  # not with_suffix: "_w1.0_step4" has a dot
+  path.parent.mkdir(parents=True, exist_ok=True)
+  with path.open("wb") as f:
+    np.savez_compressed(f, samples=samples, **({"index": index} if count > 1 else {}))
+  if k == 0:  # the grid and the trajectory from process 0's own share
     scale = max(1, 128 // config.data.image_size)
     images.save_png(stem.parent / f"{stem.name}.png", images.make_grid(samples[:100]), scale=scale)
     if traj is not None:

@@ -204,8 +204,11 @@ def make_evaluator(config, workdir: str, metrics=("fid",)):
     metrics: the `INCEPTION_METRICS` to compute (others are ignored): 'fid' (FID and IS), 'kid'
       and 'precision_recall'.
 
-  `fn` takes every sample, [N, H, W, C] uint8 (as `generation.draw_samples` returns them); this
-  process embeds only rows `local_share(N)`, so it can run once per sampling seed.
+  `fn(samples)` takes every sample, [N, H, W, C] uint8 (as `generation.draw_samples` returns
+  them), and this process embeds only rows `local_share(N)`; `fn(samples, index, total)` takes
+  this process's own samples with their indices among `total` (as
+  `generation.draw_local_samples` returns them), so no host holds every sample. The report is
+  the same either way (KID/P-R features are put in index order). It can run once per seed.
   """
   metrics = [m for m in INCEPTION_METRICS if m in metrics]
   need_features = any(m in _NEEDS_FEATURES for m in metrics)
@@ -214,12 +217,16 @@ def make_evaluator(config, workdir: str, metrics=("fid",)):
   ref, ref_feats = reference(config, workdir, embed, features=need_features)
   e = config.eval
 
-  def evaluate(samples_uint8: np.ndarray) -> dict:
-    total = len(samples_uint8)
-    start, stop = local_share(total)
+  def evaluate(samples_uint8: np.ndarray, index=None, total: int | None = None) -> dict:
+    if index is None:
+      total = len(samples_uint8)
+      start, stop = local_share(total)
+      rows, index = samples_uint8[start:stop], np.arange(start, stop)
+    else:
+      rows, index, total = samples_uint8, np.asarray(index, np.int64), int(total)
     acc, probs, local = fid.FeatureStatsAccumulator(), [], []
-    for i in range(start, stop, _FEATURE_BATCH):
-      feats = embed(samples_uint8[i:min(i + _FEATURE_BATCH, stop)])
+    for i in range(0, len(rows), _FEATURE_BATCH):
+      feats = embed(rows[i:i + _FEATURE_BATCH])
       if "fid" in metrics:
         acc.update(feats["pool3"])
         probs.append(special.softmax(feats["logits"], axis=-1))
@@ -227,11 +234,14 @@ def make_evaluator(config, workdir: str, metrics=("fid",)):
         local.append(feats["pool3"].astype(np.float32))
     report = {}
     if "fid" in metrics:
-      report.update(_fid_and_is(acc, probs, ref, start, total))
+      report.update(_fid_and_is(acc, probs, ref, index, total))
     report.update({"fid_reference_split": e.fid_split, "fid_reference_examples": ref.n,
                    "fid_num_samples": total})
-    if need_features:
-      fake = gather_rows(np.concatenate(local) if local else None)
+    if need_features:  # every process's features, in index order (as one process has them)
+      tagged = (np.concatenate([np.concatenate(local), index[:, None].astype(np.float32)], axis=1)
+                if local else None)  # float32 holds indices exactly below 2^24
+      gathered = gather_rows(tagged)
+      fake = gathered[np.argsort(gathered[:, -1], kind="stable"), :-1]
     if "kid" in metrics:
       report.update(feature_metrics.kernel_inception_distance(
           ref_feats, fake, num_subsets=e.kid_num_subsets, subset_size=e.kid_subset_size))
@@ -243,15 +253,15 @@ def make_evaluator(config, workdir: str, metrics=("fid",)):
   return evaluate
 
 
-def _fid_and_is(acc, probs, ref: fid.FeatureStats, start: int, total: int) -> dict:
-  """FID against `ref` and IS, from this process's accumulated share (rows from `start`)."""
+def _fid_and_is(acc, probs, ref: fid.FeatureStats, index: np.ndarray, total: int) -> dict:
+  """FID against `ref` and IS, from this process's accumulated share (global rows `index`)."""
   ours = acc.merged(sum_over_processes)
   # A process with no share (fewer samples than processes) still needs K for the reductions.
   has, k = (1.0, probs[0].shape[1]) if probs else (0.0, 0)
   has_total, k_total = sum_over_processes(np.array([has, has * k]))
   probs = np.concatenate(probs) if probs else np.zeros((0, int(round(k_total / has_total))))
-  is_mean, is_std = fid.inception_score_of_share(probs, start, total,
-                                                 min(_IS_SPLITS, total), sum_over_processes)
+  is_mean, is_std = fid.inception_score_of_share(probs, 0, total, min(_IS_SPLITS, total),
+                                                 sum_over_processes, indices=index)
   return {"fid": fid.frechet_distance_from_stats(ours, ref), "inception_score": is_mean,
           "inception_score_std": is_std}
 

@@ -50,7 +50,9 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
     if classifier is not None:
       model_fn = classifier_guidance.wrap(config, model_fn, tables, classifier[0],
                                           classifier_params, shape[0], sampler_name)
-    return sample(model_fn, rng, shape)
+    x0, traj = sample(model_fn, rng, shape)
+    # Sharded over the batch, so each process can keep its own rows (`fn.local`).
+    return jax.lax.with_sharding_constraint(x0, sharding), traj
 
   def executable(params, rng, n):
     """The compiled sampler for `n` samples (padded to a multiple of the device count)."""
@@ -66,12 +68,22 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
     traj = None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
     return mesh_lib.to_host(x0)[:n], traj
 
+  def local(params, rng, n):
+    """(this process's samples, their indices in 0..n-1, trajectory): no sample crosses hosts."""
+    x0, traj = executable(params, rng, n)(params, rng, classifier_params)
+    traj = None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
+    rows, index = mesh_lib.local_rows(x0)
+    keep = index < n  # the padding rows
+    return rows[keep], index[keep], traj
+
   fn.compile = executable  # compiles without sampling, e.g. to time sampling alone
+  fn.local = local
   return fn
 
 
 def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=None):
-  """`num_samples` uint8 samples in global batches of `sampling.batch_size`, one rng per batch.
+  """`num_samples` uint8 samples in global batches of `sampling.batch_size`, one rng per batch,
+  gathered whole onto every host (see `draw_local_samples` for each host's own share).
 
   `first_batch_fn` (a sampler that records its trajectory) draws the first batch, if given;
   its trajectory is returned, so only one batch pays for recording and gathering it.
@@ -85,3 +97,24 @@ def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=Non
     out.append(images.to_uint8(x0))
     traj = t if i == 0 else traj
   return np.concatenate(out), traj
+
+
+def draw_local_samples(config, sample_fn, params, num_samples: int, first_batch_fn=None):
+  """`draw_samples`, each process keeping only the samples its devices drew.
+
+  Returns:
+    (uint8 samples [n_p, H, W, C], their indices among the `num_samples`, trajectory): the
+    processes' shares are disjoint, their union is exactly `draw_samples`' array (row i of it is
+    the sample with index i), and no host holds more than its share.
+  """
+  rng = jax.random.PRNGKey(config.sampling.seed)
+  batch = config.sampling.batch_size
+  out, index, traj = [], [], None
+  for i in range(-(-num_samples // batch)):
+    n = min(batch, num_samples - i * batch)
+    fn = first_batch_fn if (i == 0 and first_batch_fn is not None) else sample_fn
+    x0, idx, t = fn.local(params, jax.random.fold_in(rng, i), n)
+    out.append(images.to_uint8(x0))
+    index.append(i * batch + idx)
+    traj = t if i == 0 else traj
+  return np.concatenate(out), np.concatenate(index), traj

@@ -72,25 +72,29 @@ def quality_report(config, workdir, params, mesh, model, tables, step, *, sample
     for n in {min(s.batch_size, s.num_samples), s.num_samples % s.batch_size or s.batch_size}:
       sample_fn.compile(params, jax.random.PRNGKey(0), n)  # every batch shape, outside the timing
     start = time.perf_counter()
-    samples, _ = generation.draw_samples(config, sample_fn, params, config.sampling.num_samples)
-    report["samples_per_sec"] = len(samples) / (time.perf_counter() - start)
-    report["num_samples"] = len(samples)
+    # Each process keeps the samples its devices drew (their indices say where they belong).
+    samples, index, _ = generation.draw_local_samples(config, sample_fn, params,
+                                                      config.sampling.num_samples)
+    total = config.sampling.num_samples
+    report["samples_per_sec"] = total / (time.perf_counter() - start)
+    report["num_samples"] = total
     report["sampler"] = factories.sampler_label(config)
     report["sampler_nfe"] = factories.sampler_nfe(config)
   if "digits_score" in metrics:
     from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
-    score = digits_classifier.digits_score(samples, cache_dir=cache_dir())
+    score = digits_classifier.digits_score(gather_samples(samples, index),
+                                           cache_dir=cache_dir())
     report.update({f"digits_{k}": v for k, v in score.items()})
     logging.info(
         "Digits score of %d samples from %s (%d model calls each): FD %.2f against held-out "
         "real digits; floor %.2f (other held-out real digits), real train digits %.2f; %d "
-        "images per FD. Mean confidence %.3f (real %.3f), IS %.2f.", len(samples),
+        "images per FD. Mean confidence %.3f (real %.3f), IS %.2f.", total,
         report["sampler"], report["sampler_nfe"], score["frechet_distance"],
         score["frechet_distance_floor"], score["frechet_distance_train_real"],
         score["fd_num_images"], score["mean_confidence"], score["mean_confidence_real"],
         score["inception_score"])
   if inception_metrics:
-    report.update(inception_report(config, workdir, sample_fn, params, samples,
+    report.update(inception_report(config, workdir, sample_fn, params, (samples, index),
                                    inception_metrics))
   if "bpd" in metrics:
     report.update(bits_per_dim(config, model, tables, mesh, params))
@@ -102,8 +106,18 @@ def quality_report(config, workdir, params, mesh, model, tables, step, *, sample
   return report
 
 
+def gather_samples(samples: np.ndarray, index: np.ndarray) -> np.ndarray:
+  """Every process's samples, whole and in index order (for the digits score's few images)."""
+  flat = np.concatenate([samples.reshape(len(samples), -1).astype(np.float32),
+                         index[:, None].astype(np.float32)], axis=1)
+  every = fid_eval.gather_rows(flat)
+  every = every[np.argsort(every[:, -1], kind="stable"), :-1]
+  return every.astype(np.uint8).reshape((-1,) + samples.shape[1:])
+
+
 def inception_report(config, workdir, sample_fn, params, samples, metrics) -> dict:
-  """`metrics` (of `fid_eval.INCEPTION_METRICS`) of `samples`, drawn with `sampling.seed`.
+  """`metrics` (of `fid_eval.INCEPTION_METRICS`) of `samples` = (this process's samples, their
+  indices), drawn with `sampling.seed`.
 
   With `eval.num_seeds = S > 1`, S - 1 more sets of `sampling.num_samples` are drawn with seeds
   `sampling.seed + 1, ..., + S - 1` (one set in memory at a time) and embedded against the same
@@ -112,7 +126,8 @@ def inception_report(config, workdir, sample_fn, params, samples, metrics) -> di
   `fid_min`, EDM's number.
   """
   evaluate = fid_eval.make_evaluator(config, workdir, metrics)
-  first = evaluate(samples)
+  total = config.sampling.num_samples
+  first = evaluate(*samples, total)
   num_seeds = int(config.eval.num_seeds)
   if num_seeds == 1:
     return first
@@ -121,8 +136,8 @@ def inception_report(config, workdir, sample_fn, params, samples, metrics) -> di
   for seed in seeds[1:]:
     seeded = config.copy_and_resolve_references()
     seeded.sampling.seed = seed
-    more, _ = generation.draw_samples(seeded, sample_fn, params, config.sampling.num_samples)
-    runs.append(evaluate(more))
+    more, index, _ = generation.draw_local_samples(seeded, sample_fn, params, total)
+    runs.append(evaluate(more, index, total))
     del more
   report = dict(first, eval_seeds=seeds)
   for key in _PER_SEED_KEYS:

@@ -273,8 +273,8 @@ def inception_score(logits_or_probs, num_splits: int = 10,
 
 
 def inception_score_of_share(probs, offset: int, total: int, num_splits: int = 10,
-                             reduce_sum: Callable[[np.ndarray], np.ndarray] = lambda a: a
-                             ) -> tuple[float, float]:
+                             reduce_sum: Callable[[np.ndarray], np.ndarray] = lambda a: a,
+                             indices=None) -> tuple[float, float]:
   """``inception_score`` of ``total`` predictions held in contiguous shares by many processes.
 
   This process holds rows ``offset ... offset + len(probs) - 1`` of the [total, K] class
@@ -282,6 +282,8 @@ def inception_score_of_share(probs, offset: int, total: int, num_splits: int = 1
   its rows over all processes (``reduce_sum``) over its size, and its score
   ``exp(sum_x KL(p(y|x) || p(y)) / size)`` likewise needs only the reduced per-part KL sums.
   With one process (``offset=0``, identity reduction) this is the single-host computation.
+  ``indices`` (the global row of each of ``probs``, any order) replaces the contiguous rows from
+  ``offset`` for shares that are not contiguous (each process's own samples).
 
   Returns:
     ``(mean, std)`` over the parts, identical on every process.
@@ -290,7 +292,8 @@ def inception_score_of_share(probs, offset: int, total: int, num_splits: int = 1
   if not 1 <= num_splits <= total:
     raise ValueError(f"num_splits must be in [1, {total}], got {num_splits}.")
   bounds = [k * total // num_splits for k in range(num_splits + 1)]
-  rows = np.arange(offset, offset + probs.shape[0])
+  rows = (np.arange(offset, offset + probs.shape[0]) if indices is None
+          else np.asarray(indices, np.int64))
   part_of = np.searchsorted(bounds, rows, side="right") - 1  # the part each local row is in
   sizes = np.diff(bounds).astype(np.float64)
   prob_sums = np.zeros((num_splits, probs.shape[1]))

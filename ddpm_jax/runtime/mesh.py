@@ -32,3 +32,21 @@ def global_batch(mesh: Mesh, local_batch: dict) -> dict:
 def to_host(x) -> np.ndarray:
   """A (possibly sharded, multi-process) array gathered whole onto every host."""
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def local_rows(x) -> tuple[np.ndarray, np.ndarray]:
+  """This process's rows of an array sharded over its leading axis, and their global indices.
+
+  Nothing crosses hosts: the rows are the process's addressable shards (a replicated copy of the
+  same rows counts once), in index order.
+  """
+  rows, index, seen = [], [], set()
+  for shard in sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0):
+    start = shard.index[0].start or 0
+    if start in seen:
+      continue
+    seen.add(start)
+    data = np.asarray(shard.data)
+    rows.append(data)
+    index.append(np.arange(start, start + len(data)))
+  return np.concatenate(rows), np.concatenate(index)
