@@ -522,3 +522,14 @@ def test_tf1_checkpoint_imports_the_weights_asked_for(tmp_path, ema):
   got = our_out(model, params, x, t)
   assert rel_err(got, want) <= 1e-5
   assert rel_err(got, other) > 1e-2  # the other set of weights is really another model
+
+
+def test_notes_of_the_config_and_the_scheduler_are_both_kept(tmp_path, digits_unet):
+  """A config.json without sample_size (taken from --config) and a scheduler with a sampling-only
+  field: the record keeps the note of each."""
+  src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  _drop_json_keys(os.path.join(src, "config.json"), "sample_size")
+  record = importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())
+  assert record["fields_from_model"]["data.image_size"] == 8
+  assert any("no sample_size" in n for n in record["notes"]), record["notes"]
+  assert any("timestep_spacing" in n for n in record["notes"]), record["notes"]

@@ -85,6 +85,15 @@ def gather_rows(x: np.ndarray | None, allgather=None) -> np.ndarray:
   return np.concatenate([stacked[p, :int(c)] for p, c in enumerate(sizes[:, 0])])
 
 
+def gather_in_order(x: np.ndarray | None, index: np.ndarray) -> np.ndarray:
+  """Every process's rows of `x` [n_p, D] (float32), ordered by their global `index` [n_p]: what
+  one process holding every row has, whatever the processes' shares."""
+  tagged = None if x is None or not len(x) else np.concatenate(
+      [np.asarray(x, np.float32), index[:, None].astype(np.float32)], axis=1)
+  gathered = gather_rows(tagged)  # float32 holds the indices exactly below 2^24
+  return gathered[np.argsort(gathered[:, -1], kind="stable"), :-1]
+
+
 def stats_cache_key(config) -> str:
   """`<dataset>_<split>_<size>_crop<c>_<weights sha256[:12]>`: whatever changes the statistics."""
   d = config.data
@@ -238,10 +247,7 @@ def make_evaluator(config, workdir: str, metrics=("fid",)):
     report.update({"fid_reference_split": e.fid_split, "fid_reference_examples": ref.n,
                    "fid_num_samples": total})
     if need_features:  # every process's features, in index order (as one process has them)
-      tagged = (np.concatenate([np.concatenate(local), index[:, None].astype(np.float32)], axis=1)
-                if local else None)  # float32 holds indices exactly below 2^24
-      gathered = gather_rows(tagged)
-      fake = gathered[np.argsort(gathered[:, -1], kind="stable"), :-1]
+      fake = gather_in_order(np.concatenate(local) if local else None, index)
     if "kid" in metrics:
       report.update(feature_metrics.kernel_inception_distance(
           ref_feats, fake, num_subsets=e.kid_num_subsets, subset_size=e.kid_subset_size))

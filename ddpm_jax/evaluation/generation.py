@@ -63,15 +63,18 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
           params, rng, classifier_params).compile()
     return compiled[shape]
 
-  def fn(params, rng, n):
+  def draw(params, rng, n):
+    """(the global, batch-sharded samples with padding rows, the trajectory on the host)."""
     x0, traj = executable(params, rng, n)(params, rng, classifier_params)
-    traj = None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
+    return x0, None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
+
+  def fn(params, rng, n):
+    x0, traj = draw(params, rng, n)
     return mesh_lib.to_host(x0)[:n], traj
 
   def local(params, rng, n):
     """(this process's samples, their indices in 0..n-1, trajectory): no sample crosses hosts."""
-    x0, traj = executable(params, rng, n)(params, rng, classifier_params)
-    traj = None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
+    x0, traj = draw(params, rng, n)
     rows, index = mesh_lib.local_rows(x0)
     keep = index < n  # the padding rows
     return rows[keep], index[keep], traj

@@ -11,7 +11,6 @@ Weights are read from safetensors with the `safetensors` package (numpy, no torc
 tensors, and only if torch is installed; nothing here ever calls pickle itself.
 """
 
-import dataclasses
 import json
 import os
 import re
@@ -25,15 +24,6 @@ SCHEDULER_CONFIG = "scheduler_config.json"
 # "org/name", as the Hub names repositories (a TF1 prefix such as "dir/model.ckpt-790000" is not).
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _TF1_PREFIX = re.compile(r"\.ckpt(-\d+)?$")
-
-
-@dataclasses.dataclass(frozen=True)
-class Folder:
-  """Where a model's files are: its config, its weights, and its scheduler config (or None)."""
-  root: str
-  model_config: str
-  weights: str
-  scheduler_config: str | None
 
 
 def is_hub_id(src: str) -> bool:
@@ -106,16 +96,16 @@ def _scheduler_path(root: str, model_dir: str) -> str | None:
               None)
 
 
-def find_configs(root: str) -> tuple[str, dict, dict | None]:
-  """(model folder, its config.json, its scheduler config or None), in either layout."""
+def find_configs(root: str) -> tuple[dict, dict | None]:
+  """(the model's config.json, its scheduler config or None), in either layout."""
   model_dir = _model_dir(root)
   scheduler = _scheduler_path(root, model_dir)
-  return (model_dir, read_json(os.path.join(model_dir, MODEL_CONFIG)),
+  return (read_json(os.path.join(model_dir, MODEL_CONFIG)),
           None if scheduler is None else read_json(scheduler))
 
 
-def find(root: str) -> Folder:
-  """The files of the model folder `root`, in either layout.
+def weights_path(root: str) -> str:
+  """The model's weights file (safetensors preferred, else .bin), in either layout.
 
   Raises:
     FileNotFoundError: naming what is missing and what a diffusers folder holds.
@@ -126,8 +116,7 @@ def find(root: str) -> Folder:
   if weights is None:
     present = sorted(os.listdir(model_dir))
     raise FileNotFoundError(f"{model_dir} holds no {SAFETENSORS} or {BIN} (it has {present}).")
-  return Folder(root, os.path.join(model_dir, MODEL_CONFIG), weights,
-                _scheduler_path(root, model_dir))
+  return weights
 
 
 def read_json(path: str) -> dict:

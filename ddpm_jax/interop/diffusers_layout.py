@@ -327,16 +327,14 @@ def key_map(shapes: Mapping, num_levels: int) -> dict[tuple[str, ...], str]:
   return {path: diffusers_key(path, num_levels) for path in _flatten(shapes)}
 
 
-def _to_ours(value: np.ndarray, ndim: int, leaf: str) -> np.ndarray:
+def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
   """A PyTorch weight in our layout: conv OIHW -> HWIO, linear [out, in] -> [in, out]; other
   leaves (biases, norm scales, embedding tables) as they are."""
   if leaf != "kernel":
     return value
-  if value.ndim == 4 and ndim == 4:
+  if value.ndim == 4:
     return value.transpose(2, 3, 1, 0)
-  if value.ndim == 2 and ndim == 2:
-    return value.T
-  return value
+  return value.T if value.ndim == 2 else value
 
 
 def _to_torch(value: np.ndarray, leaf: str) -> np.ndarray:
@@ -380,7 +378,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping
   out = {}
   for path, value in flat.items():
     value = np.asarray(value)
-    converted = _to_ours(value, len(leaf_shapes[path]), path[-1])
+    converted = _to_ours(value, path[-1])
     if tuple(converted.shape) != leaf_shapes[path]:
       problems.append(f"shape of {diffusers_key(path, num_levels)}: file {tuple(value.shape)} "
                       f"(ours {tuple(converted.shape)}) vs model {leaf_shapes[path]} (for "

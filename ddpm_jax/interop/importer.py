@@ -98,7 +98,7 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
   if hub:  # the configs first: a model that does not fit is refused before its weights move
     logging.info("Downloading the configs of %s from the Hugging Face Hub.", src)
     folder_src = diffusers_io.download(src, "configs", cache_dir=hub_cache)
-  root, model_cfg, scheduler_cfg = diffusers_io.find_configs(folder_src)
+  model_cfg, scheduler_cfg = diffusers_io.find_configs(folder_src)
   arch = diffusers_layout.arch_from_unet_config(model_cfg, default_size=image_size)
   out_channels = arch.pop("out_channels")
   size = arch["data.image_size"]
@@ -106,7 +106,8 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
   if "sample_size" not in model_cfg or model_cfg["sample_size"] is None:
     notes.append(f"config.json has no sample_size: {size} taken from the config")
   if scheduler_cfg is not None:
-    process, notes = diffusers_scheduler.process_from_scheduler(scheduler_cfg, size)
+    process, scheduler_notes = diffusers_scheduler.process_from_scheduler(scheduler_cfg, size)
+    notes += scheduler_notes
   else:
     process = diffusers_scheduler.ddpm_published(size)
     notes.append(f"no {diffusers_io.SCHEDULER_CONFIG}: using DDPM's published process (linear, "
@@ -120,8 +121,7 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
   if hub:
     logging.info("Downloading the weights of %s.", src)
     folder_src = diffusers_io.download(src, "weights", cache_dir=hub_cache)
-  weights = diffusers_io.read_weights(diffusers_io.find(folder_src).weights)  # before any write
-  del root
+  weights = diffusers_io.read_weights(diffusers_io.weights_path(folder_src))  # before any write
   num_levels = len(arch["model.ch_mult"])
   return Model("diffusers", {**arch, **process},
                lambda shapes: diffusers_layout.params_from_state_dict(weights, shapes, num_levels),
