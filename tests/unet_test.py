@@ -15,6 +15,7 @@ from configs import digits
 from ddpm_jax import models
 from ddpm_jax.config import factories
 from ddpm_jax.models import layers
+from ddpm_jax.models import ops
 
 # Tiny models run on 8x8 images: level 0 at 8x8, level 1 (with attention) at 4x4.
 IMAGE_SIZE = 8
@@ -347,3 +348,76 @@ def test_dropout_has_the_masks_of_flax_dropout():
     # Zero where both layers drop: about 0.1 * 0.3 of the elements, so both sample masks.
     assert 0.015 < float(jnp.mean(ours == 0)) < 0.06
   np.testing.assert_array_equal(Block(layers.Dropout).apply({}, x, False), 2 * x)
+
+
+# ---- ops.bias_add and the Conv / Dense built on it: flax's layers, with a dot-form bias grad ----
+
+def _pixels_and_bias(channels=8):
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((4, 6, 6, channels)).astype(np.float32))
+  b = jnp.asarray(rng.standard_normal((channels,)).astype(np.float32))
+  w = jnp.asarray(rng.standard_normal(x.shape).astype(np.float32))
+  return x, b, w
+
+
+def test_bias_add_gradients_are_those_of_x_plus_b():
+  x, b, w = _pixels_and_bias()
+  loss = lambda add: lambda x_, b_: jnp.sum(w * jnp.sin(add(x_, b_)))
+  ours = jax.grad(loss(ops.bias_add), (0, 1))(x, b)
+  ref = jax.grad(loss(jnp.add), (0, 1))(x, b)
+  np.testing.assert_array_equal(ops.bias_add(x, b), x + b)
+  np.testing.assert_array_equal(ours[0], ref[0])
+  np.testing.assert_allclose(ours[1], ref[1], rtol=1e-5, atol=1e-5)
+  # The bias gradient is a dot, not XLA's column reduction (the point of the op).
+  hlo = jax.jit(jax.grad(loss(ops.bias_add), 1)).lower(x, b).compile().as_text()
+  assert " dot(" in hlo and " reduce(" not in hlo
+
+
+def test_bias_add_gradient_under_shard_map_sums_over_devices():
+  """Under shard_map's varying-axes check (as in the train step) the invariant bias gets the
+  psum over devices of the per-device sums: the gradient of the whole batch, on 1 and 4
+  devices."""
+  x, b, w = _pixels_and_bias()
+  ref = jax.grad(lambda b_: jnp.sum(w * jnp.sin(x + b_)))(b)
+  for n in (1, 4):
+    mesh = jax.make_mesh((n,), ("data",), devices=jax.devices()[:n])
+    shard = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+    def per_device(x_, w_, b_):
+      return jax.grad(lambda bb: jnp.sum(w_ * jnp.sin(ops.bias_add(x_, bb))))(b_)
+
+    spec = jax.sharding.PartitionSpec
+    grad = jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(spec("data"), spec("data"),
+                                                                  spec()), out_specs=spec()))
+    got = grad(jax.device_put(x, shard), jax.device_put(w, shard),
+               jax.device_put(b, jax.sharding.NamedSharding(mesh, spec())))
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("strides,kernel", [(1, 3), (2, 3), (1, 1)])
+def test_conv_is_flax_conv_with_the_same_params(strides, kernel):
+  x, _, w = _pixels_and_bias()
+  ours = layers.Conv(5, kernel, strides)
+  ref = nn.Conv(5, (kernel, kernel), strides=(strides, strides), padding="SAME")
+  params = ref.init(jax.random.key(0), x)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
+      jnp.shape, params)
+  params = jax.tree.map(lambda p: p + 0.3, params)  # a non-zero bias
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4), g_ours, g_ref)
+  del w
+
+
+def test_dense_is_flax_dense_with_the_same_params():
+  x, _, _ = _pixels_and_bias()
+  ours, ref = layers.Dense(7), nn.Dense(7, kernel_init=layers.default_init)
+  params = ref.init(jax.random.key(1), x)
+  np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"],
+                                params["params"]["kernel"])
+  params = jax.tree.map(lambda p: p + 0.3, params)
+  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
+  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4), g_ours, g_ref)

@@ -15,6 +15,8 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
+from ddpm_jax.models import ops
+
 # DDPM's TF code initialises every conv/dense with variance_scaling(1, fan_avg, uniform).
 default_init = nn.initializers.variance_scaling(1.0, "fan_avg", "uniform")
 # Layers that end a residual branch (and the output conv) start at about zero, so each
@@ -62,11 +64,62 @@ class GroupNorm32(nn.Module):
     return y.astype(self.dtype)
 
 
+class Conv(nn.Module):
+  """`nn.Conv` with bias and 'SAME' padding (TF's, as in DDPM), same params ('kernel' HWIO,
+  'bias'), whose bias gradient is a dot (`ops.bias_add`).
+
+  Attributes:
+    features: Output channels.
+    kernel_size: Square kernel size.
+    strides: Square stride.
+    dtype: Compute dtype; params are float32.
+    kernel_init: Initialiser of the kernel.
+  """
+
+  features: int
+  kernel_size: int = 3
+  strides: int = 1
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.kernel_size
+    kernel = self.param("kernel", self.kernel_init, (k, k, x.shape[-1], self.features),
+                        jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
+                                 (self.strides, self.strides), "SAME",
+                                 dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return ops.bias_add(y, bias.astype(self.dtype))
+
+
+class Dense(nn.Module):
+  """`nn.Dense` (params 'kernel' [in, out], 'bias') whose bias gradient is a dot.
+
+  Attributes:
+    features: Output size.
+    dtype: Compute dtype; params are float32.
+    kernel_init: Initialiser of the kernel.
+  """
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  kernel_init: nn.initializers.Initializer = default_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
+                        (((x.ndim - 1,), (0,)), ((), ())))
+    return ops.bias_add(y, bias.astype(self.dtype))
+
+
 def _conv(features: int, name: str, dtype: jnp.dtype, kernel: int = 3, strides: int = 1,
-          kernel_init=default_init) -> nn.Conv:
+          kernel_init=default_init) -> Conv:
   """A square conv with bias, float32 params and 'SAME' padding (TF's, as in DDPM)."""
-  return nn.Conv(features, (kernel, kernel), strides=(strides, strides), padding="SAME",
-                 dtype=dtype, param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+  return Conv(features, kernel, strides, dtype, kernel_init, name=name)
 
 
 # Threefry-2x32's rotation schedule (Salmon et al. 2011, as in jax.random).
@@ -163,8 +216,7 @@ class ResnetBlock(nn.Module):
   def __call__(self, x: jax.Array, temb: jax.Array, train: bool) -> jax.Array:
     h = nn.swish(GroupNorm32(self.num_groups, self.dtype, name="norm1")(x))
     h = _conv(self.out_ch, "conv1", self.dtype)(h)
-    h += nn.Dense(self.out_ch, dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=default_init, name="temb_proj")(nn.swish(temb))[:, None, None, :]
+    h += Dense(self.out_ch, self.dtype, name="temb_proj")(nn.swish(temb))[:, None, None, :]
     h = nn.swish(GroupNorm32(self.num_groups, self.dtype, name="norm2")(h))
     h = Dropout(self.dropout, deterministic=not train)(h)
     h = _conv(self.out_ch, "conv2", self.dtype, kernel_init=near_zero_init)(h)
@@ -194,7 +246,7 @@ class AttnBlock(nn.Module):
 
     def dense(name, init=default_init):
       # A Dense on NHWC is the same map as DDPM's 1x1 conv (NIN) and has the same params.
-      return nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, kernel_init=init, name=name)
+      return Dense(c, self.dtype, init, name=name)
 
     q = dense("q")(h).reshape(b, hgt * wid, c)
     k = dense("k")(h).reshape(b, hgt * wid, c)

@@ -39,13 +39,11 @@ class NoisyClassifier(nn.Module):
     t = jnp.broadcast_to(t, (x.shape[0],))
     res_block = functools.partial(layers.ResnetBlock, dropout=self.dropout,
                                   num_groups=self.num_groups, dtype=self.dtype)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=layers.default_init)
+    dense = functools.partial(layers.Dense, dtype=self.dtype)
     temb = layers.timestep_embedding(t, self.ch)
     temb = dense(4 * self.ch, name="temb_dense0")(temb)
     temb = dense(4 * self.ch, name="temb_dense1")(nn.swish(temb))
-    h = nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
-                kernel_init=layers.default_init, name="conv_in")(x)
+    h = layers.Conv(self.ch, dtype=self.dtype, name="conv_in")(x)
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
         h = res_block(self.ch * mult, name=f"down_{level}_res_{i}")(h, temb, train)

@@ -89,8 +89,7 @@ class UNet(nn.Module):
     res_block = functools.partial(layers.ResnetBlock, dropout=self.dropout,
                                   num_groups=self.num_groups, dtype=self.dtype)
     attn_block = functools.partial(layers.AttnBlock, num_groups=self.num_groups, dtype=self.dtype)
-    dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32,
-                              kernel_init=layers.default_init)
+    dense = functools.partial(layers.Dense, dtype=self.dtype)
 
     temb = layers.timestep_embedding(t, self.ch)
     temb = dense(4 * self.ch, name="temb_dense0")(temb)
@@ -104,8 +103,7 @@ class UNet(nn.Module):
       raise ValueError("class labels given to an unconditional U-Net (model.num_classes = 0)")
 
     # Downsampling path: every intermediate activation becomes a skip connection.
-    hs = [nn.Conv(self.ch, (3, 3), padding="SAME", dtype=self.dtype, param_dtype=jnp.float32,
-                  kernel_init=layers.default_init, name="conv_in")(x)]
+    hs = [layers.Conv(self.ch, dtype=self.dtype, name="conv_in")(x)]
     for level, mult in enumerate(self.ch_mult):
       for i in range(self.num_res_blocks):
         h = res_block(self.ch * mult, name=f"down_{level}_res_{i}")(hs[-1], temb, train)
@@ -136,8 +134,8 @@ class UNet(nn.Module):
     # The head runs in float32: it is cheap (few output channels) and its error would
     # go straight into the predicted noise.
     h = nn.swish(layers.GroupNorm32(self.num_groups, jnp.float32, name="norm_out")(h))
-    h = nn.Conv(self.out_channels, (3, 3), padding="SAME", dtype=jnp.float32,
-                param_dtype=jnp.float32, kernel_init=layers.near_zero_init, name="conv_out")(h)
+    h = layers.Conv(self.out_channels, dtype=jnp.float32, kernel_init=layers.near_zero_init,
+                    name="conv_out")(h)
     return h.astype(jnp.float32)
 
 
