@@ -124,11 +124,17 @@ def test_grid_values():
   np.testing.assert_array_equal(grids.quadratic(t100, 5), [99, 55, 24, 6, 0])  # floor(99 (i/4)^2)
   np.testing.assert_array_equal(grids.quadratic(t1000, 500)[-4:], [3, 2, 1, 0])
   np.testing.assert_array_equal(grids.trailing(t1000, 4), [999, 749, 499, 249])  # Lin et al. T2.
-  # Karras: sigma^(1/7) is linear in i; log-SNR grid: log sigma is linear in i.
+  # Karras: sigma^(1/7) is linear in i; log-SNR grid: log sigma is linear in i; both ladders
+  # start at EDM's sigma_max = 80 (below the linear schedule's 157), whose point is replaced by
+  # index T - 1 itself.
+  top = grids.sigma_at(t1000, np.array(999.0))
+  assert grids.SIGMA_MAX == 80.0 and top > 150
   sig = grids.sigma_at(t1000, grids.karras(t1000, 10))
-  np.testing.assert_allclose(np.diff(sig ** (1 / 7), 2), 0.0, atol=1e-6)
+  assert sig[0] == top
+  np.testing.assert_allclose(np.diff(np.append(80.0, sig[1:]) ** (1 / 7), 2), 0.0, atol=1e-6)
   sig = grids.sigma_at(t1000, grids.logsnr(t1000, 10))
-  np.testing.assert_allclose(np.diff(np.log(sig), 2), 0.0, atol=1e-6)
+  assert sig[0] == top
+  np.testing.assert_allclose(np.diff(np.log(np.append(80.0, sig[1:])), 2), 0.0, atol=1e-6)
   # Interpolation in log sigma reproduces the table at integer t.
   ls = grids.log_sigmas(t1000)
   np.testing.assert_allclose(np.log(grids.sigma_at(t1000, np.arange(1000.0))), ls, rtol=1e-12)

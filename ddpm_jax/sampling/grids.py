@@ -26,6 +26,12 @@ from ddpm_jax.core.schedules import DiffusionTables
 
 # Karras et al. 2022 (EDM), eq. 5: rho = 7.
 KARRAS_RHO = 7.0
+# The largest noise level of the sigma-space grids and of a second-order step: EDM's sigma_max
+# (Karras et al. 2022, sec. 5 and Table 1). A schedule's own largest finite sigma can be far above
+# it (cosine: about 20,000; linear: 157), where data of unit scale is lost in the noise; a grid
+# that spends points up there starves the levels where the image forms, and a trapezoid step
+# from there multiplies a difference of model outputs by (sigma' - sigma) / 2 ~ -10^4.
+SIGMA_MAX = 80.0
 
 
 def _spacing(num_timesteps: int, num_steps: int, power: float) -> np.ndarray:
@@ -63,13 +69,15 @@ def _with_infinite_start(tables, sigmas: np.ndarray) -> np.ndarray:
 
 
 def _sigma_range(tables):
+  """(smallest sigma, min(largest finite sigma, SIGMA_MAX)) of the schedule."""
   ls = log_sigmas(tables)
   finite = ls[np.isfinite(ls)]
-  return np.exp(finite[0]), np.exp(finite[-1])
+  return np.exp(finite[0]), min(np.exp(finite[-1]), SIGMA_MAX)
 
 
 def logsnr(tables: DiffusionTables, n: int) -> np.ndarray:
-  """Uniform in lambda = -log sigma from index T-1 to index 0 (DPM-Solver, 'logSNR')."""
+  """Uniform in lambda = -log sigma from min(sigma_max, SIGMA_MAX) to index 0 (DPM-Solver's
+  'logSNR'); the first point is index T - 1 itself, whatever its sigma."""
   lo, hi = _sigma_range(tables)
   if n == 1:
     return np.array([tables.num_timesteps - 1.0])
@@ -79,7 +87,8 @@ def logsnr(tables: DiffusionTables, n: int) -> np.ndarray:
 def karras(tables: DiffusionTables, n: int, rho: float = KARRAS_RHO) -> np.ndarray:
   """sigma_i = (smax^(1/rho) + i/(n-1) (smin^(1/rho) - smax^(1/rho)))^rho (EDM eq. 5).
 
-  smax and smin are the largest finite and the smallest sigma of the schedule.
+  smin is the schedule's smallest sigma, smax the smaller of its largest finite sigma and EDM's
+  SIGMA_MAX = 80; the first point is index T - 1 itself, whatever its sigma.
   """
   lo, hi = _sigma_range(tables)
   if n == 1:
