@@ -1,4 +1,4 @@
-"""Tests of the noise schedules and their derived tables against REFERENCE.md."""
+"""Tests of the noise schedules and their derived tables against their papers' definitions."""
 
 import dataclasses
 import math
@@ -170,3 +170,23 @@ def test_tables_cast_to_compute_dtype(dtype):
     leaf, ref = getattr(tables, key), getattr(reference, key)
     assert leaf.dtype == dtype and leaf.shape == (50,), key
     np.testing.assert_allclose(np.asarray(leaf, np.float32), ref, rtol=rtol, err_msg=key)
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("zero_terminal_snr", [False, True])
+def test_log_snr_is_log_abar_over_one_minus_abar_and_minus_twice_log_sigma(name,
+                                                                          zero_terminal_snr):
+  """The log-SNR table (plotted by the schedule sweep) is log(abar / (1 - abar)) in float64, and
+  the samplers' noise level is sigma = exp(-log_snr / 2): a factor off either way fails here."""
+  from ddpm_jax.core import noise_levels  # pylint: disable=g-import-not-at-top
+  betas = schedules.get_beta_schedule(name, 1000, zero_terminal_snr)
+  tables = schedules.make_tables(betas)
+  abar = np.cumprod(1.0 - betas)
+  with np.errstate(divide="ignore"):
+    expected = np.log(abar) - np.log1p(-abar)
+  finite = np.isfinite(expected)
+  np.testing.assert_allclose(np.asarray(tables.log_snr, np.float64)[finite], expected[finite],
+                             rtol=1e-5, atol=1e-5)
+  assert np.array_equal(np.isneginf(np.asarray(tables.log_snr)), np.isneginf(expected))
+  np.testing.assert_allclose(-2.0 * noise_levels.log_sigmas(tables)[finite], expected[finite],
+                             rtol=1e-5, atol=1e-5)

@@ -403,3 +403,32 @@ def test_sample_only_sweep_end_to_end(tmp_path, monkeypatch):
   for point in ("ddim-2", "heun-2"):
     report = json.loads((root / "so" / point / "eval" / "step_4.json").read_text())
     assert report["num_samples"] == 8 and report["digits_fd_num_images"] == 8
+
+
+def test_log_snr_plot_draws_log_abar_over_one_minus_abar(tmp_path, monkeypatch):
+  """What the schedule sweep's log-SNR figure plots, intercepted at `Axes.plot`: for each
+  schedule, x = t/T for t = 1..T and y = log(abar_t / (1 - abar_t)) (-inf at a zero terminal
+  SNR), not some multiple of it."""
+  import types  # pylint: disable=g-import-not-at-top
+
+  from matplotlib.axes import Axes  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+
+  from ddpm_jax.core import schedules  # pylint: disable=g-import-not-at-top
+  drawn = []
+  real_plot = Axes.plot
+  monkeypatch.setattr(Axes, "plot", lambda ax, x, y, **kw: (drawn.append((kw["label"], x, y)),
+                                                             real_plot(ax, x, y, **kw))[1])
+  entry = lambda name, zero: types.SimpleNamespace(config=types.SimpleNamespace(
+      diffusion=types.SimpleNamespace(schedule=name, num_timesteps=100, zero_terminal_snr=zero)))
+  collate.plot_log_snr([entry("linear", False), entry("cosine", False), entry("cosine", True)],
+                       str(tmp_path / "p.png"))
+  assert [label for label, _, _ in drawn] == ["linear", "cosine", "cosine (zero SNR)"]
+  for (_, x, y), (name, zero) in zip(drawn, [("linear", False), ("cosine", False),
+                                             ("cosine", True)]):
+    abar = np.cumprod(1.0 - schedules.get_beta_schedule(name, 100, zero))
+    with np.errstate(divide="ignore"):
+      expected = np.log(abar) - np.log1p(-abar)
+    np.testing.assert_allclose(x, np.arange(1, 101) / 100)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-5)
+  assert (tmp_path / "p.png").exists()

@@ -159,3 +159,46 @@ def test_gradient_norm_and_update_do_not_depend_on_the_device_count():
     np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(params_1)):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("p_uncond", [0.0, 0.1, 1.0])
+def test_labels_drop_to_the_null_class_at_rate_p_uncond(p_uncond):
+  """Classifier-free guidance's label drop (Ho & Salimans 2022): each label becomes the null
+  class K with probability p_uncond, the others are kept as they are. A fake model outputs its
+  label input beside the image (which carries the true label), so the loss's aux sees both."""
+  num_classes, batch = 10, 4096
+  mesh = mesh_lib.make_mesh()
+
+  def apply_fn(variables, x, t, y, train, rngs):
+    del t, train, rngs
+    y = jnp.broadcast_to(y.astype(jnp.float32)[:, None, None, None], x.shape)
+    return jnp.concatenate([y + 0.0 * variables["params"]["w"], x], axis=-1)
+
+  def loss_fn(model_fn, x0, t, noise):
+    out = model_fn(x0, t)[:, 0, 0]
+    given, true = out[:, 0], out[:, 1]
+    null = given == num_classes
+    aux = {"null": null.astype(jnp.float32),
+           "kept_or_null": (null | (given == true)).astype(jnp.float32)}
+    return jnp.mean(out ** 2, axis=-1), aux
+
+  step = train_step_lib.make_train_step(
+      apply_fn=apply_fn, loss_fn=loss_fn, num_timesteps=10, t_sampling="uniform", ema_decay=0.0,
+      learning_rate=optax.constant_schedule(0.0), mesh=mesh, num_classes=num_classes,
+      p_uncond=p_uncond)
+  tx = optax.sgd(0.0)
+  params = {"w": jnp.zeros(())}
+  state = train_state_lib.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, ema_params={"w": jnp.zeros(())},
+      opt_state=tx.init(params),
+      rng=jax.random.PRNGKey(0), importance=None, tx=tx)
+  state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  labels = np.random.default_rng(0).integers(0, num_classes, batch).astype(np.int32)
+  batch_dict = mesh_lib.global_batch(mesh, {
+      "image": labels.astype(np.float32).reshape(batch, 1, 1, 1), "label": labels,
+      "preempt": np.zeros(jax.device_count(), np.bool_)})
+  _, metrics = step(state, batch_dict)
+  assert float(metrics["kept_or_null"]) == 1.0
+  # Binomial(4096, p) / 4096 is within 5 standard deviations (<= 0.0235 at p = 0.1).
+  tolerance = 5 * np.sqrt(p_uncond * (1 - p_uncond) / batch)
+  assert abs(float(metrics["null"]) - p_uncond) <= tolerance, float(metrics["null"])

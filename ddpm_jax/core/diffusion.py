@@ -134,7 +134,8 @@ class PMeanVar(NamedTuple):
 
 
 def model_log_variance(tables: DiffusionTables, var_out, x_t, t, model_var: str):
-  """log sigma_t^2 of p(x_{t-1}|x_t) for each variance type (REFERENCE.md)."""
+  """log sigma_t^2 of p(x_{t-1}|x_t) for each variance type (Ho et al. 2020 sec. 3.2; Nichol &
+  Dhariwal 2021 eq. 15 for the learned interpolation)."""
   check_choice("model_var", model_var, MODEL_VARS)
   if model_var == "fixed_small":
     log_var = gather(tables.posterior_log_variance_clipped, t, x_t.ndim)

@@ -96,7 +96,9 @@ def get_beta_schedule(name: str, num_timesteps: int, zero_terminal_snr: bool = F
   """Returns beta_1..beta_T as a float64 array of shape [T].
 
   Args:
-    name: one of `SCHEDULES` (definitions in REFERENCE.md).
+    name: one of `SCHEDULES` (linear/quad/warmup/const: Ho et al. 2020 and its TF code; jsd:
+      Sohl-Dickstein et al. 2015; cosine: Nichol & Dhariwal 2021, eq. 17; sigmoid: Jabri et al.
+      2022).
     num_timesteps: T.
     zero_terminal_snr: rescale the schedule so that SNR(T) = 0 (Lin et al. 2023).
   """
