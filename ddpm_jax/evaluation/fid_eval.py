@@ -3,8 +3,9 @@
 Conventions (Heusel et al. 2017 and their TTUR code; Salimans et al. 2016 for IS): pool3
 features of the FID Inception-v3 (TF 2015-12-05 weights, loaded from a local file), inputs as
 uint8 resized bilinearly to 299, reference statistics over the *whole* `config.eval.fid_split`
-(the eval iterator drops no example), cached under a key of everything that changes them (dataset, split, image size, crop,
-and a hash of the weights file's content), so later evaluations only embed the samples. KID
+(the eval iterator drops no example), cached under a key of everything that changes them
+(dataset, split, image size, crop, and a hash of the weights file's content), so later
+evaluations only embed the samples. KID
 and precision/recall (`metrics.feature_metrics`) need the features themselves, not only their
 mean and covariance: the reference pass then also stores them (`<key>_pool3.npy`, float32, 8 kB
 per example: 410 MB for CIFAR-10's 50k training images), computed once like the statistics.
