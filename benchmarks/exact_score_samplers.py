@@ -49,7 +49,8 @@ def main():
     shown = sampling.DEFAULT_GRIDS[name] if grid == "default" else grid
     cells = []
     for n in NFES:
-      calls = sampling.nfe(name, exact.num_steps(name, n))
+      calls = sampling.nfe(name, exact.num_steps(name, n),
+                           exact._tables(args.schedule, args.zero_terminal_snr), grid)
       err = exact.error(name, n, grid, args.schedule, args.zero_terminal_snr)
       cells.append(f"{err:.2f}" if calls == n else f"{err:.2f} ({calls})")
     print(f"| {name} | {shown} | " + " | ".join(cells) + " |", flush=True)

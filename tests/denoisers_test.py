@@ -55,7 +55,8 @@ def test_flow_matching_path_velocity_and_sigma_correspondence():
   eps = jnp.asarray(rng.standard_normal((5, 3, 3, 1)), jnp.float32)
   t = jnp.asarray([0.0, 0.1, 0.5, 0.9, 1.0], jnp.float32)
   x_t = denoisers.flow_interpolate(x0, eps, t)
-  np.testing.assert_allclose(x_t[0], x0[0]) and np.testing.assert_allclose(x_t[-1], eps[-1])
+  np.testing.assert_allclose(x_t[0], x0[0])
+  np.testing.assert_allclose(x_t[-1], eps[-1])
   # The target is the time derivative of the path.
   _, dxdt = jax.jvp(lambda tt: denoisers.flow_interpolate(x0, eps, tt), (t,), (jnp.ones_like(t),))
   np.testing.assert_allclose(dxdt, denoisers.flow_target(x0, eps), rtol=1e-6, atol=1e-6)
@@ -81,6 +82,8 @@ def test_tables_from_sigmas_reproduce_the_ladder():
   np.testing.assert_allclose(noise_levels.sigma_at(tables, np.arange(1000.0)), sig, rtol=1e-4)
   with pytest.raises(ValueError, match="increasing"):
     denoisers.tables_from_sigmas(sig[::-1])
+  with pytest.raises(ValueError, match="finite"):
+    denoisers.tables_from_sigmas(np.append(sig, np.inf))
 
 
 # --- Every sampler samples each parameterisation: the exact-score data of
@@ -117,14 +120,18 @@ _TABLES = denoisers.tables_from_sigmas(denoisers.edm_sigmas(1000))
 _GRID = {"ancestral": "uniform", "heun": "karras", "edm_stochastic": "karras"}
 
 
-def _w1(name, model_fn, model_output):
+def _samples(name, model_fn, model_output):
   steps = exact.num_steps(name, 20)
   kwargs = exact.EDM_CHURN if name == "edm_stochastic" else {}
   fn = sampling.get_sampler(name, _TABLES, num_steps=steps, clip_x0=False,
                             model_output=model_output,
                             grid=_GRID.get(name, "default"), **kwargs)
   x, _ = jax.jit(lambda k: fn(model_fn, k, exact.SHAPE))(jax.random.key(0))
-  return float(np.mean(np.abs(np.sort(np.asarray(x).ravel()) - exact._REF))) / exact._FLOOR
+  return np.asarray(x)
+
+
+def _w1(x):
+  return float(np.mean(np.abs(np.sort(x.ravel()) - exact._REF))) / exact._FLOOR
 
 
 @pytest.mark.parametrize("name", sampling.SAMPLERS)
@@ -132,15 +139,17 @@ def test_every_sampler_samples_edm_and_flow_models_like_the_exact_eps_model(name
   """The same exact score as an eps model, an EDM network and a flow-matching velocity: every
   sampler draws the same samples from all three (to float rounding), so the bridge
   (`vp_x0_model` on `tables_from_sigmas`) is exact, and they reach the data."""
-  eps_model = exact._oracle(_TABLES)
-  errors = {
-      "eps": _w1(name, eps_model, "eps"),
-      "edm": _w1(name, denoisers.vp_x0_model(denoisers.edm_denoiser(_edm_net), _TABLES), "x0"),
-      "flow": _w1(name, denoisers.vp_x0_model(denoisers.flow_denoiser(_velocity), _TABLES),
-                  "x0"),
+  samples = {
+      "eps": _samples(name, exact._oracle(_TABLES), "eps"),
+      "edm": _samples(name, denoisers.vp_x0_model(denoisers.edm_denoiser(_edm_net), _TABLES),
+                      "x0"),
+      "flow": _samples(name, denoisers.vp_x0_model(denoisers.flow_denoiser(_velocity), _TABLES),
+                       "x0"),
   }
-  assert abs(errors["edm"] - errors["eps"]) < 0.05 and abs(errors["flow"] - errors["eps"]) < 0.05, \
-      errors
+  # Same key, same path: the same samples up to float32 rounding of the three algebras.
+  np.testing.assert_allclose(samples["edm"], samples["eps"], atol=2e-3)
+  np.testing.assert_allclose(samples["flow"], samples["eps"], atol=2e-3)
+  errors = {k: _w1(v) for k, v in samples.items()}
   # At 20 calls the first-order ancestral sampler and the Heun-like ones on rho = 7 (which crosses
   # this bimodal data's mode switch in large sigma ratios; README "Samplers") stay further off.
   assert errors["edm"] < (25.0 if name in ("ancestral", "heun", "edm_stochastic") else 8.0), \

@@ -79,8 +79,8 @@ def error(name, nfe, grid="default", schedule="linear", zero_terminal_snr=False)
 
 @pytest.mark.parametrize("name", sampling.SAMPLERS)
 def test_error_falls_with_nfe(name):
-  # Heun-like samplers take 3 grid points at 5 calls: one Euler step from sigma_max (the
-  # trapezoid is not used above it) and one to sigma 0.95, as bad as 5 points at 9 calls.
+  # Heun-like samplers take 3 grid points (4 calls) at a budget of 5: an Euler step from above
+  # sigma_max (no trapezoid there) and one to sigma 0.95, as bad as 5 points (8 calls).
   nfes = (10, 25, 50) if name in ("heun", "edm_stochastic") else (5, 10, 25)
   errors = [error(name, n) for n in nfes]
   assert errors[0] > errors[1] > errors[2], errors

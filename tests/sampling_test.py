@@ -426,9 +426,10 @@ def test_respaced_ancestral_at_k_equal_t_is_the_full_sampler(model_var):
   assert np.all(np.isfinite(short))
 
 
-def count_model_calls(name: str, num_steps: int, **kwargs) -> int:
-  """How many times sampler `name` calls the model on a `num_steps` grid (linear, T=50)."""
-  tables, shape = _tables("linear", 50), (2, 1, 1, DIM)
+def count_model_calls(name: str, num_steps: int, schedule: str = "linear", num_timesteps: int = 50,
+                      **kwargs) -> int:
+  """How many times sampler `name` calls the model on a `num_steps` grid (default linear, T=50)."""
+  tables, shape = _tables(schedule, num_timesteps), (2, 1, 1, DIM)
   calls = []
   oracle = _oracle(tables)
 
@@ -444,4 +445,15 @@ def count_model_calls(name: str, num_steps: int, **kwargs) -> int:
 
 def test_heun_counts_2n_minus_1_model_calls():
   assert count_model_calls("heun", 6) == sampling.nfe("heun", 6) == 11
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("grid", ["quadratic", "karras", "logsnr"])
+def test_nfe_counts_the_euler_steps_from_above_sigma_max(schedule, grid):
+  """T = 1000: sigma at T - 1 is 157 (linear) or about 20,000 (cosine), above EDM's 80, so the
+  first step is Euler and Heun makes 2N - 2 calls; `nfe` with the tables says so."""
+  tables = _tables(schedule, 1000)
+  calls = count_model_calls("heun", 6, schedule, 1000, grid=grid)
+  assert calls == sampling.nfe("heun", 6, tables, grid) == 10
+  assert sampling.nfe("heun", 6) == 11  # the upper bound, without the tables
 

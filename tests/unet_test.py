@@ -394,20 +394,30 @@ def test_bias_add_gradient_under_shard_map_sums_over_devices():
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("strides,kernel", [(1, 3), (2, 3), (1, 1)])
-def test_conv_is_flax_conv_with_the_same_params(strides, kernel):
-  x, _, w = _pixels_and_bias()
-  ours = layers.Conv(5, kernel, strides)
-  ref = nn.Conv(5, (kernel, kernel), strides=(strides, strides), padding="SAME")
+def test_conv_is_flax_conv_with_the_same_params(strides, kernel, dtype):
+  x, _, _ = _pixels_and_bias()
+  ours = layers.Conv(5, kernel, strides, dtype)
+  ref = nn.Conv(5, (kernel, kernel), strides=(strides, strides), padding="SAME", dtype=dtype,
+                param_dtype=jnp.float32, kernel_init=layers.default_init)
   params = ref.init(jax.random.key(0), x)
-  assert jax.tree.map(jnp.shape, ours.init(jax.random.key(0), x)) == jax.tree.map(
-      jnp.shape, params)
+  jax.tree.map(np.testing.assert_array_equal, ours.init(jax.random.key(0), x), params)
   params = jax.tree.map(lambda p: p + 0.3, params)  # a non-zero bias
-  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
-  g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
-  g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
-  jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4), g_ours, g_ref)
-  del w
+  np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
+  g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x).astype(jnp.float32))))(params)
+  g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x).astype(jnp.float32))))(params)
+  assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(g_ours))
+  if dtype == jnp.float32:
+    jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4), g_ours,
+                 g_ref)
+    return
+  # bfloat16 compute: the kernel gradients are the same computation as flax's; the bias gradient
+  # is the sum of the bf16 upstream gradient, which we accumulate in float32 (flax in bf16).
+  np.testing.assert_allclose(g_ours["params"]["kernel"], g_ref["params"]["kernel"], rtol=1e-6)
+  upstream = np.cos(np.asarray(ref.apply(params, x).astype(jnp.float32), np.float64))
+  exact = upstream.reshape(-1, 5).sum(0)
+  np.testing.assert_allclose(g_ours["params"]["bias"], exact, rtol=1e-2, atol=1e-2)
 
 
 def test_dense_is_flax_dense_with_the_same_params():
@@ -417,7 +427,7 @@ def test_dense_is_flax_dense_with_the_same_params():
   np.testing.assert_array_equal(ours.init(jax.random.key(1), x)["params"]["kernel"],
                                 params["params"]["kernel"])
   params = jax.tree.map(lambda p: p + 0.3, params)
-  np.testing.assert_allclose(ours.apply(params, x), ref.apply(params, x), rtol=1e-5, atol=1e-5)
+  np.testing.assert_array_equal(ours.apply(params, x), ref.apply(params, x))
   g_ours = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
   g_ref = jax.grad(lambda p: jnp.sum(jnp.sin(ref.apply(p, x))))(params)
   jax.tree.map(lambda a, c: np.testing.assert_allclose(a, c, rtol=1e-4, atol=1e-4), g_ours, g_ref)

@@ -119,5 +119,6 @@ def sampler_label(config: ml_collections.ConfigDict) -> str:
 
 
 def sampler_nfe(config: ml_collections.ConfigDict) -> int:
-  """Model evaluations per sample of the configured sampler (Heun: 2N - 1)."""
-  return sampling.nfe(config.sampling.sampler, sampler_steps(config))
+  """Model evaluations per sample of the configured sampler (Heun: up to 2N - 1)."""
+  return sampling.nfe(config.sampling.sampler, sampler_steps(config), tables_from_config(config),
+                      config.sampling.grid)

@@ -133,8 +133,10 @@ def tables_from_sigmas(sigmas: np.ndarray) -> schedules.DiffusionTables:
   returns sigmas[k] at integer k (to float64 rounding) and interpolates log sigma between.
   """
   sigmas = np.asarray(sigmas, np.float64)
-  if sigmas.ndim != 1 or sigmas.size < 2 or sigmas[0] <= 0 or np.any(np.diff(sigmas) <= 0):
-    raise ValueError("sigmas must be a strictly increasing 1-D array of positive noise levels")
+  if (sigmas.ndim != 1 or sigmas.size < 2 or not np.all(np.isfinite(sigmas)) or sigmas[0] <= 0
+      or np.any(np.diff(sigmas) <= 0)):
+    raise ValueError("sigmas must be a strictly increasing 1-D array of finite positive noise "
+                     "levels (EDM's c_noise = log(sigma) / 4 has no value at sigma = inf)")
   abar = 1.0 / (1.0 + sigmas**2)
   return schedules.make_tables(1.0 - abar / np.append(1.0, abar[:-1]))
 

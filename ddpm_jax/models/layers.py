@@ -91,7 +91,7 @@ class Conv(nn.Module):
     y = lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
                                  (self.strides, self.strides), "SAME",
                                  dimension_numbers=("NHWC", "HWIO", "NHWC"))
-    return ops.bias_add(y, bias.astype(self.dtype))
+    return ops.bias_add(y, bias)
 
 
 class Dense(nn.Module):
@@ -113,7 +113,7 @@ class Dense(nn.Module):
     bias = self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
     y = lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype),
                         (((x.ndim - 1,), (0,)), ((), ())))
-    return ops.bias_add(y, bias.astype(self.dtype))
+    return ops.bias_add(y, bias)
 
 
 def _conv(features: int, name: str, dtype: jnp.dtype, kernel: int = 3, strides: int = 1,

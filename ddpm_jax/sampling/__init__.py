@@ -27,6 +27,8 @@ fractional) indices in [0, T-1] and model_out the raw output (C channels, or 2C 
 variances). Every sampler is a single `lax.fori_loop`.
 """
 
+import numpy as np
+
 from ddpm_jax.core import diffusion
 from ddpm_jax.sampling import dpm_solver
 from ddpm_jax.sampling import grids
@@ -57,9 +59,22 @@ _HEUN_LIKE = ("heun", "edm_stochastic")
 EDM_DEFAULTS = {"s_churn": 0.0, "s_tmin": 0.0, "s_tmax": float("inf"), "s_noise": 1.0}
 
 
-def nfe(name: str, num_steps: int) -> int:
-  """Model calls of `name` on a grid of `num_steps` points (Heun, EDM: 2N - 1, last step Euler)."""
-  return 2 * num_steps - 1 if name in _HEUN_LIKE else num_steps
+def nfe(name: str, num_steps: int, tables=None, grid: str = "default") -> int:
+  """Model calls of `name` on a grid of `num_steps` points.
+
+  One per point, plus, for Heun and EDM's sampler, one per second-order step: every step but the
+  last (Euler, as in EDM) and those that start above `grids.SIGMA_MAX` (Euler too, see
+  `sigma.heun`). Without `tables` that is the upper bound 2N - 1; with them (and the sampler's
+  `grid`) the exact count, e.g. 2N - 2 on the linear schedule (sigma at T - 1 = 157). EDM's churn
+  can lift a step above SIGMA_MAX only if S_tmax reaches it; the count ignores that.
+  """
+  if name not in _HEUN_LIKE or num_steps == 1:
+    return num_steps
+  if tables is None:
+    return 2 * num_steps - 1
+  g = make_grid(DEFAULT_GRIDS[name] if grid == "default" else grid, tables, num_steps)
+  sig = grids.sigma_at(tables, g[:-1])
+  return num_steps + int(np.sum(sig <= sigma.SECOND_ORDER_MAX))
 
 
 def check_edm_options(name: str, s_churn: float, s_tmin: float, s_tmax: float,

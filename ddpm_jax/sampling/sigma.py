@@ -14,6 +14,10 @@ from ddpm_jax.core import noise_levels
 from ddpm_jax.sampling import grids
 from ddpm_jax.sampling import loop
 
+# Heun's trapezoid is used from sigma <= SIGMA_MAX; the tolerance keeps a ladder that starts at
+# SIGMA_MAX (EDM's, through float64 rounding: 79.99999711) second order from its first step.
+SECOND_ORDER_MAX = grids.SIGMA_MAX * (1 + 1e-6)
+
 
 def euler(tables, model_output, model_var, clip_x0):
   """Euler: x'_VE = x_VE + (sigma' - sigma) eps = D + sigma' eps (EDM Alg. 1 without line 9)."""
@@ -29,7 +33,9 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
   Euler, as in EDM, and so is a step from above EDM's sigma_max (`grids.SIGMA_MAX` = 80, which
   includes sigma = inf): there the trapezoid term (sigma' - sigma) (d' - d) / 2 scales a
   difference of denoiser outputs by up to 10^4 (cosine schedule), while Euler from pure noise
-  is nearly exact. A grid of N points costs at most 2N - 1 model calls.
+  is nearly exact. A grid of N points costs at most 2N - 1 model calls (`sampling.nfe` counts
+  them). The test is on the step's start sigma_hat, so churn that lifts sigma_hat above 80
+  (possible only with S_tmax above it) also makes that step Euler.
 
   `churn` = (S_churn, S_tmin, S_tmax, S_noise) makes it EDM's stochastic sampler (Algorithm 2):
   gamma_i = min(S_churn / N, sqrt(2) - 1) where S_tmin <= sigma_i <= S_tmax, else 0, and
@@ -63,7 +69,7 @@ def heun(tables, model_output, model_var, clip_x0, second_order: bool = True, ch
     a, s, a1, s1 = f(a_hat), f(s_hat), f(lv.alpha_next), f(lv.s_next)
     half_a1_dsig = f(0.5 * lv.alpha_next * np.where(np.isinf(sig_hat), 0.0,
                                                     lv.sigma_next - sig_hat))
-    use2 = f(second_order & (sig_hat <= grids.SIGMA_MAX) & (lv.sigma_next > 0)) > 0
+    use2 = f(second_order & (sig_hat <= SECOND_ORDER_MAX) & (lv.sigma_next > 0)) > 0
     t1, cx, cz = f(lv.t_next), f(churn_x), f(churn_z)
 
     def step(i, x, aux, model_out, key, model_fn):
