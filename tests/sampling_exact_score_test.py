@@ -31,7 +31,8 @@ def _tables(schedule="linear", zero_terminal_snr=False):
   return schedules.make_tables(schedules.get_beta_schedule(schedule, 1000, zero_terminal_snr))
 
 
-def _oracle(tables):
+def _oracle(tables, std=STD):
+  """The exact eps of the mixture 1/2 N(+-MU, std^2) per pixel, at fractional t."""
   ls = sampling.grids.log_sigmas(tables)
   idx, lsf = jnp.asarray(np.arange(ls.size), jnp.float32), jnp.asarray(ls, jnp.float32)
 
@@ -40,9 +41,9 @@ def _oracle(tables):
     sig = jnp.exp(jnp.interp(t, idx, lsf))[:, None]
     a = 1 / jnp.sqrt(1 + sig**2)
     s = 1 / jnp.sqrt(1 + 1 / sig**2)
-    var = a**2 * STD**2 + s**2
+    var = a**2 * std**2 + s**2
     w = jax.nn.softmax(jnp.stack([-(x - a * m) ** 2 / (2 * var) for m in (MU, -MU)]), axis=0)
-    ex0 = sum(w[k] * (m + a * STD**2 / var * (x - a * m)) for k, m in enumerate((MU, -MU)))
+    ex0 = sum(w[k] * (m + a * std**2 / var * (x - a * m)) for k, m in enumerate((MU, -MU)))
     return (x - a * ex0) / s
   return model_fn
 

@@ -15,6 +15,11 @@ applies only where t_min <= t <= t_max (timestep indices); elsewhere the conditi
 returned. The default interval is the whole range [0, T-1], i.e. standard CFG; the paper's best
 ImageNet interval is the middle of the noise levels, which is a setting, not our default.
 
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"): the
+same extrapolation, away from a weaker model of the same task (a smaller network, or an earlier
+checkpoint) instead of the unconditional one: (1 + w) f(x, t) - w f_guide(x, t). It applies to
+unconditional models too, and combines with the guidance interval the same way.
+
 Classifier guidance (Dhariwal & Nichol 2021) with a noise-conditional classifier log p(c|x_t, t)
 and scale s, g = grad_x log p(c|x_t, t):
   * Algorithm 1 (ancestral): mu~ = mu + s Sigma g. The ancestral mean is
@@ -147,4 +152,26 @@ def classifier_guidance(model_fn: ModelFn, log_prob_fn: Callable, labels: jnp.nd
     d = jnp.where(_bcast(jnp.asarray(in_interval(t, interval)), d), d, 0.0)
     pred = noise_levels.add_eps_shift(pred, d, _bcast(alpha, x), _bcast(s, x), model_output)
     return pred if var is None else jnp.concatenate([pred, var], axis=-1)
+  return guided_fn
+
+
+def autoguidance(model_fn: ModelFn, guide_fn: ModelFn, scale: float, *, model_var: str,
+                 interval: tuple[float, float] | None = None) -> ModelFn:
+  """model_fn(x, t) = (1 + w) f(x, t) - w f_guide(x, t), Karras et al. 2024 (autoguidance).
+
+  Args:
+    model_fn: the main model, `model_fn(x, t)` (its own conditioning closed over).
+    guide_fn: the weaker guide, same signature and the same parameterisation (eps, x0 or v: the
+      combination is affine, so it is the guided eps in any of them; see the module docstring).
+    scale: w >= 0. w = 0 returns `model_fn` itself: plain sampling, bitwise.
+    model_var: decides whether the output carries variance channels (the main model's kept).
+    interval: guide only where interval[0] <= t <= interval[1]; None = every t.
+  """
+  if scale < 0:
+    raise ValueError(f"autoguidance scale must be >= 0, got {scale}.")
+  if scale == 0:
+    return model_fn
+
+  def guided_fn(x, t):
+    return combine(model_fn(x, t), guide_fn(x, t), scale, model_var, in_interval(t, interval))
   return guided_fn
