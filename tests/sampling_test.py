@@ -447,13 +447,14 @@ def test_heun_counts_2n_minus_1_model_calls():
   assert count_model_calls("heun", 6) == sampling.nfe("heun", 6) == 11
 
 
+@pytest.mark.parametrize("name", ["heun", "edm_stochastic"])
 @pytest.mark.parametrize("schedule", ["linear", "cosine"])
 @pytest.mark.parametrize("grid", ["quadratic", "karras", "logsnr"])
-def test_nfe_counts_the_euler_steps_from_above_sigma_max(schedule, grid):
+def test_nfe_counts_the_euler_steps_from_above_sigma_max(name, schedule, grid):
   """T = 1000: sigma at T - 1 is 157 (linear) or about 20,000 (cosine), above EDM's 80, so the
   first step is Euler and Heun makes 2N - 2 calls; `nfe` with the tables says so."""
   tables = _tables(schedule, 1000)
-  calls = count_model_calls("heun", 6, schedule, 1000, grid=grid)
-  assert calls == sampling.nfe("heun", 6, tables, grid) == 10
-  assert sampling.nfe("heun", 6) == 11  # the upper bound, without the tables
+  calls = count_model_calls(name, 6, schedule, 1000, grid=grid)
+  assert calls == sampling.nfe(name, 6, tables, grid) == 10
+  assert sampling.nfe(name, 6) == 11  # the upper bound, without the tables
 

@@ -38,9 +38,7 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # D(x_VE [B, ...], sigma [B]) -> x_0
 
 
-def _bcast(v, x):
-  """A per-example [B] array shaped to broadcast against x [B, ...]."""
-  return jnp.reshape(v, v.shape + (1,) * (x.ndim - v.ndim))
+_bcast = noise_levels.per_example
 
 
 # --- EDM --------------------------------------------------------------------------------------
@@ -141,11 +139,17 @@ def tables_from_sigmas(sigmas: np.ndarray) -> schedules.DiffusionTables:
   return schedules.make_tables(1.0 - abar / np.append(1.0, abar[:-1]))
 
 
+def karras_ladder(sigma_max: float, sigma_min: float, num: int, rho: float = 7.0) -> np.ndarray:
+  """sigma_i = (smax^(1/rho) + i/(num-1) (smin^(1/rho) - smax^(1/rho)))^rho, i = 0..num-1: EDM's
+  eq. 5, decreasing from sigma_max to sigma_min (float64)."""
+  ramp = np.linspace(0.0, 1.0, num)
+  return (sigma_max ** (1 / rho) + ramp * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+
+
 def edm_sigmas(num: int = 1000, sigma_min: float = SIGMA_MIN, sigma_max: float = SIGMA_MAX,
                rho: float = 7.0) -> np.ndarray:
-  """An increasing ladder of `num` noise levels, EDM's rho-spacing (eq. 5) from sigma_min."""
-  ramp = np.linspace(0.0, 1.0, num)
-  return (sigma_min ** (1 / rho) + ramp * (sigma_max ** (1 / rho) - sigma_min ** (1 / rho))) ** rho
+  """An increasing ladder of `num` noise levels: EDM's (eq. 5) from sigma_min to sigma_max."""
+  return karras_ladder(sigma_max, sigma_min, num, rho)[::-1].copy()
 
 
 def vp_x0_model(denoiser: Denoiser, tables: schedules.DiffusionTables) -> Callable:

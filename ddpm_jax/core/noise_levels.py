@@ -36,6 +36,11 @@ def _xp(*arrays):
   return jnp if any(isinstance(a, jax.Array) for a in arrays) else np
 
 
+def per_example(v, x):
+  """A per-example [B] array shaped to broadcast against x [B, ...]."""
+  return jnp.reshape(v, jnp.shape(v) + (1,) * (x.ndim - jnp.ndim(v)))
+
+
 # --- Noise levels ---------------------------------------------------------------------------------
 
 

@@ -24,14 +24,10 @@ def _varying_axes(x: jax.Array) -> frozenset:
   return jax.typeof(x).manual_axis_type.varying
 
 
-def _varying_like(x: jax.Array, *params: jax.Array) -> tuple[jax.Array, ...]:
-  """`params` cast to vary over the mesh axes along which `x` varies (no-op outside shard_map)."""
-  axes = _varying_axes(x)
-  out = []
-  for p in params:
-    missing = tuple(sorted(axes - _varying_axes(p)))
-    out.append(lax.pcast(p, missing, to="varying") if missing else p)
-  return tuple(out)
+def _varying_like(x: jax.Array, param: jax.Array) -> jax.Array:
+  """`param` cast to vary over the mesh axes along which `x` varies (no-op outside shard_map)."""
+  missing = tuple(sorted(_varying_axes(x) - _varying_axes(param)))
+  return lax.pcast(param, missing, to="varying") if missing else param
 
 
 def _row_sum(x2d: jax.Array) -> jax.Array:
@@ -66,5 +62,4 @@ def bias_add(x: jax.Array, bias: jax.Array) -> jax.Array:
       its gradient is accumulated in float32 and returned in the bias's dtype (with a bfloat16 x,
       more precise than flax's bfloat16 reduction; the same sum up to rounding).
   """
-  (bias,) = _varying_like(x, bias)
-  return _bias_add(x, bias)
+  return _bias_add(x, _varying_like(x, bias))

@@ -19,6 +19,7 @@ that guidance and editing use too; its names are re-exported here.
 import numpy as np
 
 # The noise level at fractional t is the core's; kept importable from here (`grids.sigma_at`).
+from ddpm_jax.core import denoisers
 from ddpm_jax.core.noise_levels import log_sigmas
 from ddpm_jax.core.noise_levels import sigma_at  # noqa: F401  (re-exported)
 from ddpm_jax.core.noise_levels import t_at
@@ -31,7 +32,7 @@ KARRAS_RHO = 7.0
 # it (cosine: about 20,000; linear: 157), where data of unit scale is lost in the noise; a grid
 # that spends points up there starves the levels where the image forms, and a trapezoid step
 # from there multiplies a difference of model outputs by (sigma' - sigma) / 2 ~ -10^4.
-SIGMA_MAX = 80.0
+SIGMA_MAX = denoisers.SIGMA_MAX
 
 
 def _spacing(num_timesteps: int, num_steps: int, power: float) -> np.ndarray:
@@ -93,9 +94,7 @@ def karras(tables: DiffusionTables, n: int, rho: float = KARRAS_RHO) -> np.ndarr
   lo, hi = _sigma_range(tables)
   if n == 1:
     return np.array([tables.num_timesteps - 1.0])
-  ramp = np.linspace(0.0, 1.0, n)
-  sig = (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-  return _with_infinite_start(tables, sig)
+  return _with_infinite_start(tables, denoisers.karras_ladder(hi, lo, n, rho))
 
 
 GRIDS = {"uniform": uniform, "quadratic": quadratic, "trailing": trailing, "logsnr": logsnr,

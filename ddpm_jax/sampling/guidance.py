@@ -43,8 +43,7 @@ ModelFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 CLASSIFIER_MODES = ("eps", "ancestral")
 
 
-def _bcast(v: jnp.ndarray, x: jnp.ndarray) -> jnp.ndarray:
-  return v.reshape(v.shape + (1,) * (x.ndim - v.ndim))
+_bcast = noise_levels.per_example
 
 
 def vp_coefficients(tables, t: jnp.ndarray):

@@ -17,6 +17,8 @@ Every point scores 500 samples, the quickstart's number, so the samples are draw
 quickstart draws them.
 """
 
+import functools
+
 NFES = (5, 10, 20, 50, 100)
 # Every name of `ddpm_jax.sampling.SAMPLERS` but ancestral, which (with a fixed variance) always
 # takes all T steps; tests/sweep_test.py checks that none is missing.
@@ -36,16 +38,21 @@ FIXED = {
 }
 
 
+@functools.cache
+def _digits_tables():
+  from configs import digits  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
+  return factories.tables_from_config(digits.get_config())
+
+
 def grid_points(sampler: str, nfe: int) -> int:
   """The most grid points N whose model calls (`sampling.nfe` on the digits config's schedule and
   the sampler's default grid) are at most `nfe`: N for most samplers; for Heun and EDM one more
   call per step that starts at or below sigma 80."""
-  from configs import digits  # pylint: disable=g-import-not-at-top
   from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
   if sampler not in _TWO_CALLS_PER_STEP:
     return nfe
-  tables = factories.tables_from_config(digits.get_config())
+  tables = _digits_tables()
   n = nfe
   while sampling.nfe(sampler, n, tables) > nfe:
     n -= 1
