@@ -50,6 +50,21 @@ def get_config() -> ml_collections.ConfigDict:
       min_snr_gamma=5.0,
       t_sampling="uniform",     # uniform | importance
       clip_x0=True,
+      # What the network is and how it is trained (README "Objectives"):
+      # ddpm: the discrete VP model of model_output (eps | x0 | v) on `schedule`;
+      # edm: EDM's preconditioned denoiser (Karras et al. 2022), log-normal sigma;
+      # flow: flow matching / rectified flow, x_t = (1 - t) x_0 + t eps, velocity target.
+      # edm and flow are sampled on an EDM sigma ladder [sigma_min, sigma_max] of num_timesteps
+      # levels (schedule, model_output, loss and weighting are then DDPM's only).
+      parameterization="ddpm",
+      sigma_data=0.5,           # edm: the data's standard deviation in c_skip, c_out, c_in
+      p_mean=-1.2,              # edm: log sigma ~ N(p_mean, p_std^2) in training
+      p_std=1.2,
+      sigma_min=0.002,          # edm, flow: the sampling ladder's ends (EDM's)
+      sigma_max=80.0,
+      flow_t="uniform",         # flow: t ~ uniform | logit_normal (Esser et al. 2024)
+      flow_t_mean=0.0,          # flow, logit_normal: t = sigmoid(N(mean, std^2))
+      flow_t_std=1.0,
   ))
 
   config.training = ml_collections.ConfigDict(dict(
@@ -77,6 +92,12 @@ def get_config() -> ml_collections.ConfigDict:
                                 # --workdir already has a checkpoint: that run resumes.
       init_from_ema=True,       # start from init_from's EMA params (what published models are and
                                 # what one samples); False: its raw (non-EMA) params
+      # Post-hoc EMA (Karras et al. 2024): also track power-function EMAs of these relative
+      # widths, e.g. (0.05, 0.10), and save them every phema_snapshot_every steps to
+      # <workdir>/phema; `python -m ddpm_jax.posthoc_ema` then builds the EMA of any sigma_rel.
+      # () = off. The classic EMA (ema_decay) is kept either way.
+      phema_sigma_rels=(),
+      phema_snapshot_every=0,   # 0 = checkpoint_every
   ))
 
   config.optim = ml_collections.ConfigDict(dict(
@@ -114,6 +135,12 @@ def get_config() -> ml_collections.ConfigDict:
       classifier_workdir="",    # classifier guidance: workdir of a training.objective=classifier
                                 # run ("" = off); guides toward sampling.class_label
       classifier_scale=0.0,     # its scale s (Dhariwal & Nichol 2021, Alg. 1 / Alg. 2)
+      guide_workdir="",         # autoguidance (Karras et al. 2024): workdir of a weaker model of
+                                # the same data and parameterisation ("" = off), e.g. a smaller
+                                # config or this run itself at an earlier guide_step
+      guide_step=-1,            # its checkpoint step; -1 = its newest
+      autoguidance_scale=0.0,   # w: D_guide + (1 + w) (D - D_guide); 0 = plain sampling.
+                                # Shares the guidance_t_min / t_max interval.
   ))
 
   config.edit = ml_collections.ConfigDict(dict(

@@ -23,15 +23,24 @@ import ml_collections
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
 _ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels", "training.objective")
 # Fields whose change makes the checkpoint's optimiser or importance state another pytree.
-_STRUCTURE = ("diffusion.t_sampling",)
+_STRUCTURE = ("diffusion.t_sampling", "training.phema_sigma_rels")
 # The diffusion process and what the network is trained to predict of it.
 PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_terminal_snr",
            "diffusion.model_output", "diffusion.model_var", "diffusion.loss",
            "diffusion.hybrid_lambda", "diffusion.weighting", "diffusion.p2_k", "diffusion.p2_gamma",
-           "diffusion.min_snr_gamma")
+           "diffusion.min_snr_gamma", "diffusion.parameterization", "diffusion.sigma_data",
+           "diffusion.p_mean", "diffusion.p_std", "diffusion.sigma_min", "diffusion.sigma_max",
+           "diffusion.flow_t", "diffusion.flow_t_mean", "diffusion.flow_t_std")
 # Fields added after runs were recorded, with the value those runs had.
 _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
-                 "training.init_from": "", "training.init_from_ema": True}
+                 "training.init_from": "", "training.init_from_ema": True,
+                 "diffusion.parameterization": "ddpm", "diffusion.sigma_data": 0.5,
+                 "diffusion.p_mean": -1.2, "diffusion.p_std": 1.2, "diffusion.sigma_min": 0.002,
+                 "diffusion.sigma_max": 80.0, "diffusion.flow_t": "uniform",
+                 "diffusion.flow_t_mean": 0.0, "diffusion.flow_t_std": 1.0,
+                 "training.phema_sigma_rels": [], "training.phema_snapshot_every": 0,
+                 "sampling.guide_workdir": "", "sampling.guide_step": -1,
+                 "sampling.autoguidance_scale": 0.0}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
