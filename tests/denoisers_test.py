@@ -2,11 +2,13 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import sampling_exact_score_test as exact
 
 from ddpm_jax import sampling
+from ddpm_jax.config import factories
 from ddpm_jax.core import denoisers
 from ddpm_jax.core import noise_levels
 
@@ -99,21 +101,29 @@ def _exact_x0(x_ve, sigma):
              for k, m in enumerate((exact.MU, -exact.MU)))
 
 
-def _edm_net(x_in, c_noise):
-  """The network whose EDM denoiser is exact: F = (D* - c_skip x) / c_out."""
-  sigma = jnp.exp(4 * c_noise)
+def _edm_net(x_in, time_input):
+  """The network whose EDM denoiser is exact: F = (D* - c_skip x) / c_out, fed the U-Net's
+  time input 250 c_noise."""
+  sigma = jnp.exp(4 * time_input / denoisers.EDM_TIME_SCALE)
   c_skip, c_out, c_in, _ = denoisers.edm_scalings(sigma)
   x = x_in / c_in[:, None]
   return (_exact_x0(x, sigma) - c_skip[:, None] * x) / c_out[:, None]
 
 
-def _velocity(x_t, t):
-  """The exact flow-matching velocity: v = (x_t - D*) / t."""
+def _velocity(x_t, time_input):
+  """The exact flow-matching velocity: v = (x_t - D*) / t, fed the U-Net's time input 1000 t."""
+  t = time_input / denoisers.FLOW_TIME_SCALE
   sigma = denoisers.sigma_from_flow_t(t)
   return (x_t - _exact_x0(x_t / (1 - t)[:, None], sigma)) / t[:, None]
 
 
-_TABLES = denoisers.tables_from_sigmas(denoisers.edm_sigmas(1000))
+# The tables and model functions a config builds (`factories`): an EDM or flow network is sampled
+# on EDM's ladder, T = 1000 levels from 0.002 to 80.
+_CONFIGS = {p: ml_collections.ConfigDict({"diffusion": {
+    "parameterization": p, "num_timesteps": 1000, "sigma_min": denoisers.SIGMA_MIN,
+    "sigma_max": denoisers.SIGMA_MAX, "sigma_data": denoisers.SIGMA_DATA}})
+    for p in ("edm", "flow")}
+_TABLES = factories.tables_from_config(_CONFIGS["edm"])
 # On a ladder that is already EDM's rho = 7 spacing, Heun's quadratic index grid piles its points
 # at the lowest noise levels (21.6x the floor at 19 calls); EDM samples these models on its own
 # sigma grid, `karras`, which here is exactly EDM's (0.002 to 80, rho = 7).
@@ -137,14 +147,15 @@ def _w1(x):
 @pytest.mark.parametrize("name", sampling.SAMPLERS)
 def test_every_sampler_samples_edm_and_flow_models_like_the_exact_eps_model(name):
   """The same exact score as an eps model, an EDM network and a flow-matching velocity: every
-  sampler draws the same samples from all three (to float rounding), so the bridge
-  (`vp_x0_model` on `tables_from_sigmas`) is exact, and they reach the data."""
+  sampler draws the same samples from all three (to float rounding), so the bridge a config
+  builds (`factories.sampler_model_fn`: `vp_x0_model` on `tables_from_sigmas`) is exact, and
+  they reach the data."""
   samples = {
       "eps": _samples(name, exact._oracle(_TABLES), "eps"),
-      "edm": _samples(name, denoisers.vp_x0_model(denoisers.edm_denoiser(_edm_net), _TABLES),
-                      "x0"),
-      "flow": _samples(name, denoisers.vp_x0_model(denoisers.flow_denoiser(_velocity), _TABLES),
-                       "x0"),
+      "edm": _samples(name, factories.sampler_model_fn(_CONFIGS["edm"], _TABLES, _edm_net),
+                      factories.model_output(_CONFIGS["edm"])),
+      "flow": _samples(name, factories.sampler_model_fn(_CONFIGS["flow"], _TABLES, _velocity),
+                       factories.model_output(_CONFIGS["flow"])),
   }
   # Same key, same path: the same samples up to float32 rounding of the three algebras.
   np.testing.assert_allclose(samples["edm"], samples["eps"], atol=2e-3)

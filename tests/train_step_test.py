@@ -133,10 +133,15 @@ def test_learning_rate_warmup(warmup):
   np.testing.assert_allclose([float(schedule(s)) for s in range(6)], expected, rtol=1e-6)
 
 
-def test_gradient_norm_and_update_do_not_depend_on_the_device_count():
+@pytest.mark.parametrize("parameterization,flow_t", [
+    ("ddpm", "uniform"), ("edm", "uniform"), ("flow", "uniform"), ("flow", "logit_normal")])
+def test_gradient_norm_and_update_do_not_depend_on_the_device_count(parameterization, flow_t):
   """Under shard_map's default vma checking the gradient of the global mean loss is the same on
-  1, 2 and 4 devices (a pmean on top of the implicit psum would scale it by the device count)."""
-  config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 1e-3})
+  1, 2 and 4 devices (a pmean on top of the implicit psum would scale it by the device count);
+  EDM's sigma and flow matching's t are drawn per example like DDPM's t, so the same holds."""
+  config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 1e-3,
+                          "diffusion.parameterization": parameterization,
+                          "diffusion.flow_t": flow_t})
   image = next(input_pipeline.create_train_iterator(config))["image"]
   model = factories.create_model(config)
   tables = factories.tables_from_config(config)

@@ -14,6 +14,7 @@ import ml_collections
 
 from ddpm_jax import models
 from ddpm_jax import sampling
+from ddpm_jax.core import denoisers
 from ddpm_jax.core import diffusion
 from ddpm_jax.core import losses
 from ddpm_jax.core import schedules
@@ -40,7 +41,13 @@ class Components(NamedTuple):
 
 
 def tables_from_config(config: ml_collections.ConfigDict) -> schedules.DiffusionTables:
+  """The tables every sampler walks: the schedule's (ddpm), or for an EDM or flow-matching
+  network the num_timesteps levels of EDM's ladder from sigma_min to sigma_max (rho 7), on which
+  `sampler_model_fn` presents it as a model of x0."""
   d = config.diffusion
+  if d.parameterization != "ddpm":
+    sigmas = denoisers.edm_sigmas(d.num_timesteps, float(d.sigma_min), float(d.sigma_max))
+    return denoisers.tables_from_sigmas(sigmas)
   betas = schedules.get_beta_schedule(d.schedule, d.num_timesteps, d.zero_terminal_snr)
   return schedules.make_tables(betas, dtype=jnp.float32)
 
@@ -67,12 +74,34 @@ def create_model(config: ml_collections.ConfigDict):
                      num_classes=int(m.num_classes), **common)
 
 
+def model_output(config: ml_collections.ConfigDict) -> str:
+  """What the samplers see the model predict: diffusion.model_output for a DDPM model, x0 for
+  an EDM or flow-matching one (`sampler_model_fn`)."""
+  d = config.diffusion
+  return d.model_output if d.parameterization == "ddpm" else "x0"
+
+
+def sampler_model_fn(config: ml_collections.ConfigDict, tables, net_fn: Callable) -> Callable:
+  """The `model_fn(x_t, t)` every sampler calls, from the network `net_fn(x, time_input)`:
+  the network itself for DDPM, else its denoiser D(x, sigma) as a model of x0 on `tables`
+  (`denoisers.vp_x0_model`)."""
+  d = config.diffusion
+  if d.parameterization == "ddpm":
+    return net_fn
+  denoise = denoisers.network_denoiser(net_fn, d.parameterization, float(d.sigma_data))
+  return denoisers.vp_x0_model(denoise, tables)
+
+
 def loss_fn_from_config(config: ml_collections.ConfigDict, tables):
-  """The training loss of `training.objective`: the diffusion loss, or the classifier's
-  cross-entropy on x_t (which takes the labels as a fifth argument)."""
+  """The training loss of `training.objective`: the diffusion loss of the parameterisation, or
+  the classifier's cross-entropy on x_t (which takes the labels as a fifth argument)."""
   if config.training.objective == "classifier":
     return losses.get_classifier_loss_fn(tables)
   d = config.diffusion
+  if d.parameterization == "edm":
+    return losses.get_edm_loss_fn(float(d.sigma_data))
+  if d.parameterization == "flow":
+    return losses.get_flow_loss_fn()
   return losses.get_loss_fn(
       tables, loss=d.loss, model_output=d.model_output, model_var=d.model_var,
       weighting=d.weighting, hybrid_lambda=d.hybrid_lambda, p2_k=d.p2_k, p2_gamma=d.p2_gamma,
@@ -107,7 +136,8 @@ def sampler_from_config(config: ml_collections.ConfigDict, tables, *, sampler: s
   name = sampler or s.sampler
   steps = sampler_steps(config, name, num_steps)
   edm = edm_options(s) if name == "edm_stochastic" else {}
-  return sampling.get_sampler(name, tables, model_output=d.model_output, model_var=d.model_var,
+  return sampling.get_sampler(name, tables, model_output=model_output(config),
+                              model_var=d.model_var,
                               num_steps=steps, eta=s.eta if name == "ddim" else 0.0,
                               grid=s.grid, clip_x0=d.clip_x0, trajectory_every=trajectory_every,
                               **edm)

@@ -9,6 +9,8 @@ raises in `core` / `sampling` with the valid names); the rules here are about co
 go together, what the devices, the data and other runs on disk allow.
 """
 
+import math
+
 from absl import logging
 from etils import epath
 import jax
@@ -18,6 +20,7 @@ from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax.config import conditioning
 from ddpm_jax.config import factories
+from ddpm_jax.core import denoisers
 from ddpm_jax.core import diffusion
 from ddpm_jax.core import losses
 from ddpm_jax.core import schedules
@@ -106,6 +109,8 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
   _check("diffusion.loss", d.loss, losses.LOSSES)
   _check("diffusion.weighting", d.weighting, losses.WEIGHTINGS)
   _check("diffusion.t_sampling", d.t_sampling, losses.T_SAMPLINGS)
+  _check("diffusion.parameterization", d.parameterization, denoisers.PARAMETERIZATIONS)
+  _check("diffusion.flow_t", d.flow_t, losses.FLOW_T_SAMPLINGS)
   _check("training.objective", config.training.objective, losses.OBJECTIVES)
   _check("model.dtype", config.model.dtype, tuple(models.DTYPES))
   _check("sampling.sampler", config.sampling.sampler, sampling.SAMPLERS)
@@ -151,7 +156,8 @@ def check_training(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"training.{key} must be positive, got {config.training[key]}.")
   if d.num_timesteps < 2:
     raise ValueError(f"diffusion.num_timesteps must be >= 2, got {d.num_timesteps}.")
-  if d.zero_terminal_snr and d.model_output == "eps":
+  check_parameterization(config)
+  if d.zero_terminal_snr and d.model_output == "eps" and d.parameterization == "ddpm":
     raise ValueError("diffusion.zero_terminal_snr makes x0 unrecoverable from eps at t = T; use "
                      "--config.diffusion.model_output=v (Lin et al. 2023) or x0.")
   p = config.training.p_uncond
@@ -159,9 +165,36 @@ def check_training(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"training.p_uncond must be in [0, 1], got {p}.")
 
 
+def check_parameterization(config: ml_collections.ConfigDict) -> None:
+  """EDM and flow matching: their own options, and none of DDPM's that they would ignore."""
+  d, p = config.diffusion, config.diffusion.parameterization
+  if p == "ddpm":
+    return
+  ddpm_only = {"diffusion.loss": (d.loss, "mse"), "diffusion.weighting": (d.weighting, "none"),
+               "diffusion.t_sampling": (d.t_sampling, "uniform"),
+               "diffusion.zero_terminal_snr": (d.zero_terminal_snr, False),
+               "training.objective": (config.training.objective, "diffusion"),
+               "sampling.classifier_workdir": (config.sampling.classifier_workdir, "")}
+  for key, (value, default) in ddpm_only.items():
+    if value != default:
+      raise ValueError(f"{key}={value!r} is DDPM's (diffusion.parameterization='ddpm'); "
+                       f"diffusion.parameterization={p!r} trains and samples with its own loss "
+                       f"and noise levels. Use --config.{key}={default!r}.")
+  if d.model_var in diffusion.LEARNED_VARS:
+    raise ValueError(f"diffusion.model_var={d.model_var!r} (a learned variance) is DDPM's; "
+                     f"diffusion.parameterization={p!r} needs fixed_large or fixed_small.")
+  if not 0 < d.sigma_min < d.sigma_max or not math.isfinite(d.sigma_max):
+    raise ValueError(f"Need 0 < diffusion.sigma_min < diffusion.sigma_max < inf (the sampling "
+                     f"ladder; EDM's 0.002 and 80), got {d.sigma_min} and {d.sigma_max}.")
+  if d.sigma_data <= 0 or d.p_std <= 0 or d.flow_t_std <= 0:
+    raise ValueError(f"Need diffusion.sigma_data, p_std and flow_t_std > 0, got {d.sigma_data}, "
+                     f"{d.p_std} and {d.flow_t_std}.")
+
+
 def check_schedule_end(config: ml_collections.ConfigDict, tables) -> None:
   d = config.diffusion
-  if float(tables.abar[-1]) == 0.0 and d.model_output == "eps" and not d.clip_x0:
+  if (float(tables.abar[-1]) == 0.0 and d.model_output == "eps" and not d.clip_x0
+      and d.parameterization == "ddpm"):
     raise ValueError(f"Schedule {d.schedule!r} ends at abar_T = 0, where x0 = (x_T - eps) / 0: "
                      "eps prediction needs --config.diffusion.clip_x0=True there, or use "
                      "--config.diffusion.model_output=v.")

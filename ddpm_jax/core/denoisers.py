@@ -37,6 +37,17 @@ SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # D(x_VE [B, ...], sigma [B]) -> x_0
 
+# What the network is: DDPM's discrete VP model (eps / x0 / v at integer t, `losses.get_loss_fn`),
+# EDM's preconditioned denoiser, or a flow-matching velocity field.
+PARAMETERIZATIONS = ("ddpm", "edm", "flow")
+# The U-Net embeds its time input with DDPM's sinusoids, made for t in 0..999. EDM's c_noise =
+# log(sigma) / 4 spans [-1.55, 1.10] on [0.002, 80] and flow time t spans [0, 1], so both are
+# scaled to a range of about 700-1000 first: the network's time input is 250 c_noise for EDM
+# (as NCSN++ and EDM's DhariwalUNet scale their embeddings' input) and 1000 t for flow matching
+# (as rectified-flow models do: Esser et al. 2024).
+EDM_TIME_SCALE = 250.0
+FLOW_TIME_SCALE = 1000.0
+
 
 _bcast = noise_levels.per_example
 
@@ -119,6 +130,21 @@ def flow_matching_loss(velocity_fn: Callable, x0, t, noise):
   """Per-example ||v(x_t, t) - (eps - x_0)||^2 averaged over pixels."""
   err = velocity_fn(flow_interpolate(x0, noise, t), t) - flow_target(x0, noise)
   return jnp.mean(jnp.square(err).reshape(x0.shape[0], -1), axis=-1)
+
+
+# --- A network as a denoiser, and its training loss ---------------------------------------------
+
+
+def network_denoiser(net_fn: Callable, parameterization: str,
+                     sigma_data: float = SIGMA_DATA) -> Denoiser:
+  """D(x, sigma) of a network `net_fn(x, time_input [B])` trained as `parameterization`
+  ('edm' or 'flow'), with the time input scaled as `EDM_TIME_SCALE` / `FLOW_TIME_SCALE` say."""
+  if parameterization == "edm":
+    return edm_denoiser(lambda x, c_noise: net_fn(x, EDM_TIME_SCALE * c_noise), sigma_data)
+  if parameterization == "flow":
+    return flow_denoiser(lambda x, t: net_fn(x, FLOW_TIME_SCALE * t))
+  raise ValueError(f"network_denoiser takes 'edm' or 'flow', got {parameterization!r} (a 'ddpm' "
+                   "model is sampled on its own schedule's tables)")
 
 
 # --- The bridge to the discrete samplers -------------------------------------------------------

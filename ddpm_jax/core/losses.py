@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr
 
+from ddpm_jax.core import denoisers
 from ddpm_jax.core import diffusion
 from ddpm_jax.core import noise_levels
 from ddpm_jax.core.schedules import DiffusionTables
@@ -28,6 +29,7 @@ from ddpm_jax.core.schedules import DiffusionTables
 LOSSES = ("mse", "kl", "hybrid")
 WEIGHTINGS = ("none", "p2", "min_snr")
 T_SAMPLINGS = ("uniform", "importance")
+FLOW_T_SAMPLINGS = ("uniform", "logit_normal")
 # What the trainer fits: the denoiser, or the noise-conditional classifier of classifier guidance.
 OBJECTIVES = ("diffusion", "classifier")
 
@@ -204,6 +206,59 @@ def get_loss_fn(tables: DiffusionTables, *, loss: str = "mse", model_output: str
     return per_example, {"mse": mse, "vlb": vlb, "weight": weight}
 
   return loss_fn
+
+
+def get_edm_loss_fn(sigma_data: float = denoisers.SIGMA_DATA) -> LossFn:
+  """Returns `loss_fn(model_fn, x0, sigma, noise) -> (loss [B], aux)`, EDM's training loss.
+
+  `model_fn(x, time_input)` is the raw network F; the loss is lambda(sigma) ||D(x_0 + sigma n,
+  sigma) - x_0||^2 averaged over pixels with D = `denoisers.network_denoiser(F, 'edm')` and
+  lambda = (sigma^2 + sd^2) / (sigma sd)^2 (Karras et al. 2022, Table 1). aux: 'mse' is the
+  unweighted ||D - x_0||^2, 'weight' is lambda(sigma).
+  """
+  def loss_fn(model_fn: ModelFn, x0, sigma, noise):
+    x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+    denoise = denoisers.network_denoiser(lambda x, c: model_fn(x, c).astype(jnp.float32), "edm",
+                                         sigma_data)
+    mse = _mean_flat(jnp.square(denoise(x0 + noise_levels.per_example(sigma, x0) * noise, sigma)
+                                - x0))
+    weight = denoisers.edm_loss_weight(sigma, sigma_data)
+    return weight * mse, {"mse": mse, "weight": weight}
+
+  return loss_fn
+
+
+def get_flow_loss_fn() -> LossFn:
+  """Returns `loss_fn(model_fn, x0, t, noise) -> (loss [B], aux)`, conditional flow matching.
+
+  x_t = (1 - t) x_0 + t eps and the loss is ||F(x_t, 1000 t) - (eps - x_0)||^2 averaged over
+  pixels (Lipman et al. 2023; Liu et al. 2023), unweighted. aux 'mse' is the loss itself.
+  """
+  def loss_fn(model_fn: ModelFn, x0, t, noise):
+    x0, noise = x0.astype(jnp.float32), noise.astype(jnp.float32)
+    x_t = denoisers.flow_interpolate(x0, noise, t)
+    velocity = model_fn(x_t, denoisers.FLOW_TIME_SCALE * t).astype(jnp.float32)
+    mse = _mean_flat(jnp.square(velocity - denoisers.flow_target(x0, noise)))
+    return mse, {"mse": mse}
+
+  return loss_fn
+
+
+def noise_level_sampler(parameterization: str, *, p_mean: float = denoisers.P_MEAN,
+                        p_std: float = denoisers.P_STD, flow_t: str = "uniform",
+                        flow_t_mean: float = 0.0, flow_t_std: float = 1.0):
+  """Returns `draw(key) -> (level, weight)`, one example's training noise level (float32
+  scalars) for 'edm' (sigma, log-normal) or 'flow' (t: uniform on [0, 1), or logit-normal),
+  weight 1. DDPM's integer t are `sample_timesteps`."""
+  if parameterization == "edm":
+    return lambda key: (denoisers.edm_sample_sigma(key, (), p_mean, p_std), jnp.float32(1.0))
+  if parameterization == "flow":
+    diffusion.check_choice("flow t sampling", flow_t, FLOW_T_SAMPLINGS)
+    if flow_t == "uniform":
+      return lambda key: (jax.random.uniform(key, ()), jnp.float32(1.0))
+    return lambda key: (denoisers.logit_normal_t(key, (), flow_t_mean, flow_t_std),
+                        jnp.float32(1.0))
+  raise ValueError(f"noise_level_sampler takes 'edm' or 'flow', got {parameterization!r}")
 
 
 def get_classifier_loss_fn(tables: DiffusionTables) -> LossFn:

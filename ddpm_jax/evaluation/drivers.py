@@ -57,7 +57,15 @@ def load(config: ml_collections.ConfigDict, workdir: str, parts: factories.Compo
   arch = {}
   if (epath.Path(workdir) / "config.json").exists():
     latest = run_config.segment_config(workdir, 1 << 62) or {}
-    arch = run_config.architecture_fields(run_config.differences(latest, run_config.flat(config)))
+    diff = run_config.differences(latest, run_config.flat(config))
+    arch = run_config.architecture_fields(diff)
+    meaning = {k: v for k, v in diff.items() if k in run_config.MEANING and k in latest}
+    if meaning:
+      run = ", ".join(f"{k}={a!r}" for k, (a, _) in meaning.items())
+      now = ", ".join(f"{k}={b!r}" for k, (_, b) in meaning.items())
+      raise ValueError(f"{workdir} trained its network as {run}, but this config says {now}: its "
+                       "outputs would be misread. Use the run's values, e.g. "
+                       f"--config=configs/workdir.py:{workdir}.")
   hint = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in arch.items())
   use_ema = config.sampling.use_ema
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, hint=hint)
@@ -169,7 +177,7 @@ def edit(config: ml_collections.ConfigDict, workdir: str) -> str:
       return editing.sdedit(sampler, model_fn, tables, rng, x0_padded, float(e.t0))[0], None
     if use_repaint:
       return editing.repaint(model_fn, tables, rng, x0_padded, mask, jump=e.resample_jump,
-                             count=e.resample_count, model_output=dv.model_output,
+                             count=e.resample_count, model_output=factories.model_output(config),
                              model_var=dv.model_var, clip_x0=dv.clip_x0), None
     return editing.inpaint(sampler, model_fn, tables, rng, x0_padded, mask)[0], None
 

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 
 from ddpm_jax.config import conditioning
+from ddpm_jax.config import factories
 from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.evaluation import images
 from ddpm_jax.runtime import mesh as mesh_lib
@@ -44,7 +45,8 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
   def run(params, rng, shape, classifier_params):
     def cond_fn(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
-      return model.apply({"params": params}, x, t, y, train=False)
+      net_fn = lambda x_, t_: model.apply({"params": params}, x_, t_, y, train=False)
+      return factories.sampler_model_fn(config, tables, net_fn)(x, t)
     # sampling.class_label / guidance_scale of a class-conditional model (see `conditioning`).
     model_fn = conditioning.guided_model_fn(config, cond_fn, shape[0], label)
     if classifier is not None:

@@ -29,15 +29,19 @@ _PER_SEED_KEYS = ("fid", "inception_score", "kid", "precision", "recall")
 
 
 def bits_per_dim(config, model, tables, mesh, params) -> dict:
-  """The full VLB (all T terms) on the eval split, with its components, in bits/dim."""
+  """The full VLB (all T terms) on the eval split, with its components, in bits/dim.
+
+  For an EDM or flow-matching network this is the bound of the discrete chain on its sigma
+  ladder's tables (`factories.tables_from_config`), where the network is a model of x0."""
   d = config.diffusion
   sharding = mesh_lib.batch_sharding(mesh)
 
   @jax.jit
   def batch_vlb(params, x0, rng):
-    def model_fn(x, t):
+    def net_fn(x, t):
       return model.apply({"params": params}, x, t, train=False)
-    return losses.vlb_bpd(model_fn, tables, x0, rng, model_output=d.model_output,
+    model_fn = factories.sampler_model_fn(config, tables, net_fn)
+    return losses.vlb_bpd(model_fn, tables, x0, rng, model_output=factories.model_output(config),
                           model_var=d.model_var, clip_x0=d.clip_x0)
 
   totals, count = {}, 0

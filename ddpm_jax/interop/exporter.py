@@ -44,6 +44,12 @@ def diffusers_configs(config) -> tuple[dict, dict]:
     raise diffusers_layout.LayoutError(
         f"training.objective={config.training.objective!r}: a noisy classifier, not a "
         "diffusion U-Net; diffusers has no UNet2DModel for it.")
+  parameterization = config.diffusion.get("parameterization", "ddpm")
+  if parameterization != "ddpm":
+    raise diffusers_layout.LayoutError(
+        f"diffusion.parameterization={parameterization!r}: the network is preconditioned (EDM) "
+        "or a velocity field (flow matching), which DDPMPipeline would read as a DDPM eps model; "
+        "only parameterization 'ddpm' models export.")
   problems = []
   unet_cfg = sched_cfg = None
   try:

@@ -31,6 +31,8 @@ PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_term
            "diffusion.min_snr_gamma", "diffusion.parameterization", "diffusion.sigma_data",
            "diffusion.p_mean", "diffusion.p_std", "diffusion.sigma_min", "diffusion.sigma_max",
            "diffusion.flow_t", "diffusion.flow_t_mean", "diffusion.flow_t_std")
+# What the network's output means: sampling a run with other values would misread it.
+MEANING = ("diffusion.parameterization", "diffusion.sigma_data", "diffusion.model_output")
 # Fields added after runs were recorded, with the value those runs had.
 _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "training.init_from": "", "training.init_from_ema": True,

@@ -37,14 +37,16 @@ def all_finite(*trees) -> jnp.ndarray:
 def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int,
                     t_sampling: str, ema_decay: float, learning_rate: optax.Schedule,
                     mesh: Mesh, skip_nonfinite: bool = False, num_classes: int = 0,
-                    p_uncond: float = 0.0, labels_to_loss: bool = False) -> Callable:
+                    p_uncond: float = 0.0, labels_to_loss: bool = False,
+                    draw_level: Callable | None = None) -> Callable:
   """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
   `batch` holds 'image' [B, H, W, C] and 'preempt' [num_devices] bool, both sharded over `data`.
 
   Args:
     apply_fn: the Flax module's `apply`.
-    loss_fn: `loss_fn(model_fn, x0, t, noise) -> (per_example_loss, aux)` from `losses`.
+    loss_fn: `loss_fn(model_fn, x0, t, noise) -> (per_example_loss, aux)` from `losses`; t is
+      the example's noise level: DDPM's integer index, or what `draw_level` draws.
     num_timesteps: T.
     t_sampling: 'uniform' or 'importance' (the state then carries an `ImportanceState`).
     ema_decay: decay of the EMA of the params, updated every step.
@@ -58,6 +60,9 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     p_uncond: the label-drop probability.
     labels_to_loss: the loss, not the model, takes the labels: `loss_fn(model_fn, x0, t, noise,
       batch['label'])` (the noise-conditional classifier, `losses.get_classifier_loss_fn`).
+    draw_level: `draw_level(key) -> (level, weight)`, the continuous noise level of an EDM
+      (sigma) or flow-matching (t) example (`losses.noise_level_sampler`); None draws DDPM's
+      integer t with `t_sampling`.
 
   `metrics["finite"]` is 1 when the loss, the gradient norm and the *updated* params and EMA are
   all finite, else 0; all four are invariant over `data` (reduced over every device of every
@@ -74,10 +79,13 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     keys = jax.vmap(jax.random.fold_in, (None, 0))(example_rng, example_ids)
     t_keys, noise_keys = jnp.moveaxis(jax.vmap(lambda k: jax.random.split(k, 2))(keys), 1, 0)
 
-    t, weights = jax.vmap(
-        lambda k: losses.sample_timesteps(k, 1, num_timesteps, t_sampling, state.importance)
-    )(t_keys)
-    t, weights = t[:, 0], weights[:, 0]
+    if draw_level is None:
+      t, weights = jax.vmap(
+          lambda k: losses.sample_timesteps(k, 1, num_timesteps, t_sampling, state.importance)
+      )(t_keys)
+      t, weights = t[:, 0], weights[:, 0]
+    else:
+      t, weights = jax.vmap(draw_level)(t_keys)
     noise = jax.vmap(lambda k, x: jax.random.normal(k, x.shape, x.dtype))(noise_keys, x0)
     dropout_rng = jax.random.fold_in(dropout_rng, device)
     y = None
@@ -148,4 +156,14 @@ def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
       skip_nonfinite=config.training.skip_nonfinite_updates,
       # The classifier's labels are its targets, not a model input.
       num_classes=0 if classifier else config.model.num_classes,
-      p_uncond=config.training.p_uncond, labels_to_loss=classifier)
+      p_uncond=config.training.p_uncond, labels_to_loss=classifier,
+      draw_level=_level_sampler(config.diffusion))
+
+
+def _level_sampler(d) -> Callable | None:
+  """EDM's or flow matching's noise-level draw; None for DDPM's integer t."""
+  if d.parameterization == "ddpm":
+    return None
+  return losses.noise_level_sampler(d.parameterization, p_mean=d.p_mean, p_std=d.p_std,
+                                    flow_t=d.flow_t, flow_t_mean=d.flow_t_mean,
+                                    flow_t_std=d.flow_t_std)
