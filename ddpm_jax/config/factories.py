@@ -28,6 +28,14 @@ class ClassifierRun(NamedTuple):
   step: int  # its newest checkpoint, found once by the validator
 
 
+class GuideRun(NamedTuple):
+  """The weaker model of autoguidance, named by `sampling.guide_workdir` (+ `guide_step`)."""
+
+  workdir: str
+  config: ml_collections.ConfigDict  # its own config.json, which fixes its architecture
+  step: int  # the checkpoint used: sampling.guide_step, or the newest
+
+
 class Components(NamedTuple):
   """What a validated config builds, once: every driver uses these objects."""
 
@@ -38,6 +46,7 @@ class Components(NamedTuple):
   grid_sample_fn: Callable | None  # train: DDIM with training.grid_sampler_steps, for grids
   classifier: ClassifierRun | None  # classifier guidance, when sampling.classifier_workdir
   train_source: Any = None  # train: the opened train split, read by the train iterator
+  guide: GuideRun | None = None  # autoguidance, when sampling.guide_workdir
 
 
 def tables_from_config(config: ml_collections.ConfigDict) -> schedules.DiffusionTables:

@@ -74,6 +74,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = 
                                                    num_steps=grid_steps)
   check_guidance(config)
   classifier = check_classifier(config)
+  guide = check_guide(config, mode) if generative else None
   metrics = _metrics(config, mode)
   train_source = None
   if open_data and mode == "train":
@@ -87,7 +88,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = 
   if mode == "edit":
     check_edit(config)
   return factories.Components(tables, model, loss_fn, sample_fn, grid_sample_fn, classifier,
-                              train_source)
+                              train_source, guide)
 
 
 def _metrics(config, mode: str) -> tuple[str, ...]:
@@ -359,6 +360,53 @@ def check_classifier(config: ml_collections.ConfigDict) -> factories.ClassifierR
                      f"{run_dir}: valid target classes are 0..{k - 1}, or -1 for one of each in "
                      "turn.")
   return factories.ClassifierRun(run_dir, cconfig, step)
+
+
+def check_guide(config: ml_collections.ConfigDict, mode: str) -> factories.GuideRun | None:
+  """Autoguidance: the run named by sampling.guide_workdir at guide_step, checked to read its
+  inputs and outputs as this model does; None when off."""
+  s = config.sampling
+  run_dir, w = str(s.guide_workdir), float(s.autoguidance_scale)
+  if w < 0:
+    raise ValueError(f"sampling.autoguidance_scale must be >= 0, got {w}.")
+  if not run_dir:
+    if w > 0:
+      raise ValueError(f"sampling.autoguidance_scale={w} needs a guide: --config.sampling."
+                       "guide_workdir=<a weaker run of the same data> (e.g. this run at an "
+                       "earlier --config.sampling.guide_step).")
+    return None
+  if mode == "train":
+    raise ValueError("sampling.guide_workdir (autoguidance) applies to --mode=sample, eval or "
+                     "edit; unset it for training.")
+  gconfig = run_config.load(run_dir)
+  if gconfig is None:
+    raise ValueError(f"sampling.guide_workdir={run_dir}: no config.json there (not a ddpm_jax "
+                     "run).")
+  if gconfig.training.objective != "diffusion":
+    raise ValueError(f"sampling.guide_workdir={run_dir} holds a training.objective="
+                     f"{gconfig.training.objective!r} run; the guide must be a denoiser.")
+  mine, theirs = run_config.flat(config), run_config.flat(gconfig)
+  same = ["data.image_size", "data.num_channels", *run_config.MEANING, "diffusion.model_var"]
+  if config.diffusion.parameterization == "ddpm":  # the guide reads t on the same schedule
+    same += ["diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_terminal_snr"]
+  diff = {k: (theirs.get(k), mine.get(k)) for k in same if theirs.get(k) != mine.get(k)}
+  if diff:
+    raise ValueError(f"The guide in {run_dir} is not a model of the same process as this one: "
+                     + ", ".join(f"{k} guide {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                     + ". Autoguidance needs a weaker model of the same data and "
+                     "parameterisation (a smaller config, or an earlier checkpoint).")
+  k_guide, k_model = int(gconfig.model.num_classes), conditioning.num_classes(config)
+  if k_guide and k_guide != k_model:
+    raise ValueError(f"The guide in {run_dir} is conditional on {k_guide} classes, this model on "
+                     f"{k_model}; use an unconditional guide or one of the same classes.")
+  steps = checkpointing.all_steps(run_dir)
+  if not steps:
+    raise ValueError(f"sampling.guide_workdir={run_dir} has no checkpoint in "
+                     f"{checkpointing.checkpoint_dir(run_dir)}.")
+  step = steps[-1] if int(s.guide_step) < 0 else int(s.guide_step)
+  if step not in steps:
+    raise ValueError(f"sampling.guide_step={step}: {run_dir} has checkpoints at steps {steps}.")
+  return factories.GuideRun(run_dir, gconfig, step)
 
 
 def check_inception_weights(config: ml_collections.ConfigDict) -> str:

@@ -23,6 +23,7 @@ import numpy as np
 
 from ddpm_jax.config import factories
 from ddpm_jax.config import validation
+from ddpm_jax.evaluation import autoguidance
 from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.evaluation import generation
 from ddpm_jax.evaluation import images
@@ -42,6 +43,7 @@ class Loaded(NamedTuple):
   params: object
   step: int
   classifier: tuple | None  # (module, params) of classifier guidance
+  guide: tuple | None = None  # (module, params) of autoguidance's guide
 
 
 def load(config: ml_collections.ConfigDict, workdir: str, parts: factories.Components) -> Loaded:
@@ -71,13 +73,23 @@ def load(config: ml_collections.ConfigDict, workdir: str, parts: factories.Compo
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, hint=hint)
   logging.info("Loaded %s params of step %d from %s.", "EMA" if use_ema else "raw", step, workdir)
   classifier = classifier_guidance.load(parts.classifier, mesh, use_ema)
-  return Loaded(parts, mesh, params, step, classifier)
+  guide = autoguidance.load(parts.guide, mesh, use_ema)
+  if guide is not None:
+    logging.info("Autoguidance w=%g by %s at step %d.", config.sampling.autoguidance_scale,
+                 parts.guide.workdir, parts.guide.step)
+  return Loaded(parts, mesh, params, step, classifier, guide)
+
+
+def _guide(run: Loaded):
+  """(GuideRun, module, params) of autoguidance, or None."""
+  return None if run.guide is None else (run.parts.guide, *run.guide)
 
 
 def sample_fn(config, run: Loaded, **kwargs):
   """The sampling service for the configured sampler of a loaded run (see `generation`)."""
   return generation.make_sample_fn(config, run.parts.model, run.parts.tables, run.mesh,
-                                   run.parts.sample_fn, classifier=run.classifier, **kwargs)
+                                   run.parts.sample_fn, classifier=run.classifier,
+                                   guide=_guide(run), **kwargs)
 
 
 def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -91,12 +103,14 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   traj_sampler = factories.sampler_from_config(config, run.parts.tables,
                                                trajectory_every=s.trajectory_every)
   traj_fn = generation.make_sample_fn(config, run.parts.model, run.parts.tables, run.mesh,
-                                      traj_sampler, classifier=run.classifier)
+                                      traj_sampler, classifier=run.classifier, guide=_guide(run))
   samples, index, traj = generation.draw_local_samples(
       config, sample_fn(config, run), run.params, s.num_samples, first_batch_fn=traj_fn)
   label = factories.sampler_label(config)
   if config.model.num_classes > 0:  # e.g. ddim_50_class3_w1.0 (class -1: all)
     label += f"_class{s.class_label}_w{s.guidance_scale}"
+  if s.guide_workdir:  # autoguidance, e.g. ..._ag1.0_guide500
+    label += f"_ag{s.autoguidance_scale}_guide{run.parts.guide.step}"
   if s.classifier_workdir:  # classifier guidance, e.g. ..._class3_cg2.0
     label += ("" if config.model.num_classes > 0 else f"_class{s.class_label}") + \
         f"_cg{s.classifier_scale}"
@@ -183,7 +197,7 @@ def edit(config: ml_collections.ConfigDict, workdir: str) -> str:
 
   label = None if e.class_label < 0 else int(e.class_label)
   fn = generation.make_sample_fn(config, run.parts.model, tables, run.mesh, edit_fn,
-                                 classifier=run.classifier, label=label)
+                                 classifier=run.classifier, guide=_guide(run), label=label)
   out, _ = fn(run.params, jax.random.PRNGKey(config.sampling.seed), n)
   name = f"{e.task}{'_repaint' if use_repaint else ''}_{factories.sampler_label(config)}"
   stem = epath.Path(workdir) / "edits" / f"{name}_step{run.step}"

@@ -12,13 +12,14 @@ import numpy as np
 
 from ddpm_jax.config import conditioning
 from ddpm_jax.config import factories
+from ddpm_jax.evaluation import autoguidance
 from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.evaluation import images
 from ddpm_jax.runtime import mesh as mesh_lib
 
 
-def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, sampler_name=None,
-                   label: int | None = None):
+def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, guide=None,
+                   sampler_name=None, label: int | None = None):
   """Returns `fn(params, rng, n) -> (float samples [n, H, W, C], trajectory)` on the host.
 
   Args:
@@ -28,6 +29,7 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
     mesh: the 1-D device mesh; every sample batch is sharded over its `data` axis.
     sample: a sampler from `factories.sampler_from_config`.
     classifier: (module, params) of classifier guidance (`classifier_guidance.load`), or None.
+    guide: (GuideRun, module, params) of autoguidance (`autoguidance.load`), or None.
     sampler_name: the name `sample` was built from, when not `sampling.sampler` (classifier
       guidance shifts the mean for 'ancestral', eps otherwise).
     label: the class of every sample of a conditional model, or -1 for one of each in turn;
@@ -40,9 +42,12 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
   d = config.data
   compiled = {}
   classifier_params = None if classifier is None else classifier[1]
+  # Both are jit arguments, so their params are not baked into the executable as constants.
+  extra_params = (classifier_params, None if guide is None else guide[2])
   sampler_name = sampler_name or config.sampling.sampler
 
-  def run(params, rng, shape, classifier_params):
+  def run(params, rng, shape, extra_params):
+    classifier_params, guide_params = extra_params
     def cond_fn(x, t, y):
       x = jax.lax.with_sharding_constraint(x, sharding)
       net_fn = lambda x_, t_: model.apply({"params": params}, x_, t_, y, train=False)
@@ -52,6 +57,9 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
     if classifier is not None:
       model_fn = classifier_guidance.wrap(config, model_fn, tables, classifier[0],
                                           classifier_params, shape[0], sampler_name)
+    if guide is not None:
+      model_fn = autoguidance.wrap(config, model_fn, tables, guide[0], guide[1], guide_params,
+                                   shape[0], label)
     x0, traj = sample(model_fn, rng, shape)
     # Sharded over the batch, so each process can keep its own rows (`fn.local`).
     return jax.lax.with_sharding_constraint(x0, sharding), traj
@@ -62,12 +70,12 @@ def make_sample_fn(config, model, tables, mesh, sample, *, classifier=None, samp
     shape = (padded, d.image_size, d.image_size, d.num_channels)
     if shape not in compiled:
       compiled[shape] = jax.jit(lambda p, r, c: run(p, r, shape, c)).lower(
-          params, rng, classifier_params).compile()
+          params, rng, extra_params).compile()
     return compiled[shape]
 
   def draw(params, rng, n):
     """(the global, batch-sharded samples with padding rows, the trajectory on the host)."""
-    x0, traj = executable(params, rng, n)(params, rng, classifier_params)
+    x0, traj = executable(params, rng, n)(params, rng, extra_params)
     return x0, None if traj is None else {k: mesh_lib.to_host(v) for k, v in traj.items()}
 
   def fn(params, rng, n):

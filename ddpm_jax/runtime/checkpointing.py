@@ -221,6 +221,15 @@ def latest_step(workdir: str) -> int | None:
   return step
 
 
+def all_steps(workdir: str) -> list[int]:
+  """Every checkpoint step in `workdir`, oldest first (reads, never creates)."""
+  with _Quiet():
+    manager = create_manager(workdir, keep=None, read_only=True)
+    steps = sorted(manager.all_steps())
+    manager.close()
+  return steps
+
+
 def check_params(workdir: str, abstract_params, use_ema: bool = True, hint: str = "",
                  step: int | None = None) -> int:
   """Checks, from Orbax's metadata alone (no array is read), that checkpoint `step` (default: the
