@@ -326,6 +326,32 @@ def test_sampler_sweep_covers_every_sampler_with_honest_nfe():
       assert calls[name] == list(digits_samplers.NFES)
 
 
+@pytest.mark.parametrize("objective", ["eps", "v", "edm", "flow"])
+def test_objectives_sweep_scores_each_model_as_it_was_trained_within_each_budget(objective):
+  """Each objective's eval points read the run as its parameterisation (a mismatch would be
+  refused at load) and make the most model calls within each budget, never more."""
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
+  from experiments.sweeps import digits_objectives  # pylint: disable=g-import-not-at-top
+  train_sweep = sweep_lib.load_sweep("digits_objectives")
+  train = sweep_lib.plan(train_sweep, sweep_lib.expand(train_sweep))
+  trained = {p.point.name: p.config.diffusion for p in train}
+  sweep = sweep_lib.load_sweep("digits_objectives", objective)
+  assert sweep.checkpoint == f"{digits_objectives.ROOT}/{objective}"
+  plans = sweep_lib.plan(sweep, sweep_lib.expand(sweep))
+  assert len(plans) == len(digits_objectives.NFES) * len(digits_objectives.SAMPLERS)
+  for p in plans:
+    d, s = p.config.diffusion, p.config.sampling
+    assert (d.parameterization, d.model_output) == (trained[objective].parameterization,
+                                                     trained[objective].model_output)
+    budget = int(p.point.name.rsplit("nfe", 1)[1])
+    calls = factories.sampler_nfe(p.config)
+    assert calls <= budget
+    more = sampling.nfe(s.sampler, s.num_steps + 1, factories.tables_from_config(p.config),
+                        s.grid)
+    assert more > budget, (p.point.name, calls, more)
+
+
 def _sample_only_sweep(run, **fields) -> dict:
   return {"name": "so", "config": "configs/digits.py",
           "fixed": {**TINY, "eval.metrics": ("digits_score",)},
