@@ -458,3 +458,28 @@ def test_log_snr_plot_draws_log_abar_over_one_minus_abar(tmp_path, monkeypatch):
     np.testing.assert_allclose(x, np.arange(1, 101) / 100)
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-5)
   assert (tmp_path / "p.png").exists()
+
+
+def test_objectives_table_takes_the_lowest_fd_sampler_of_each_budget(tmp_path):
+  from experiments import objectives  # pylint: disable=g-import-not-at-top
+  rows = {"edm": [
+      {"point": "heun-nfe10", "sampler": "heun", "sampler_nfe": "9", "status": "done",
+       "digits_frechet_distance": "80.5"},
+      {"point": "dpm_solver_pp-nfe10", "sampler": "dpm_solver_pp", "sampler_nfe": "10",
+       "status": "done", "digits_frechet_distance": "70.25"},
+      {"point": "dpm_solver_pp-nfe50", "sampler": "dpm_solver_pp", "sampler_nfe": "50",
+       "status": "done", "digits_frechet_distance": "-"},
+      {"point": "heun-nfe50", "sampler": "heun", "sampler_nfe": "49", "status": "done",
+       "digits_frechet_distance": "60.0"}]}
+  best = objectives.best_rows(rows)
+  assert [(r["budget"], r["sampler"], r["digits_frechet_distance"]) for r in best] == [
+      (10, "dpm_solver_pp", "70.25"), (50, "heun", "60.0")]
+  for objective, mine in rows.items():
+    with open(tmp_path / f"digits_objectives_{objective}.csv", "w", newline="") as f:
+      writer = csv.DictWriter(f, fieldnames=list(mine[0]))
+      writer.writeheader()
+      writer.writerows(mine)
+  assert objectives.main([f"--out={tmp_path}"]) == 0
+  table = (tmp_path / "digits_objectives.md").read_text()
+  assert "| EDM (Karras et al. 2022) | 10 | dpm_solver_pp | 10 | 70.2 |" in table
+  assert (tmp_path / "digits_objectives.png").stat().st_size > 0
