@@ -483,3 +483,33 @@ def test_objectives_table_takes_the_lowest_fd_sampler_of_each_budget(tmp_path):
   table = (tmp_path / "digits_objectives.md").read_text()
   assert "| EDM (Karras et al. 2022) | 10 | dpm_solver_pp | 10 | 70.2 |" in table
   assert (tmp_path / "digits_objectives.png").stat().st_size > 0
+
+
+def test_schedule_ablation_scores_each_checkpoint_with_ddim_and_heun(tmp_path):
+  """The heun-<schedule> sweeps sample the trained point of that schedule with the most Heun
+  points within 50 calls; the two-sampler table joins both scores per schedule."""
+  from ddpm_jax import sampling  # pylint: disable=g-import-not-at-top
+  from ddpm_jax.config import factories  # pylint: disable=g-import-not-at-top
+  from experiments import schedules  # pylint: disable=g-import-not-at-top
+  from experiments.sweeps import digits_schedules  # pylint: disable=g-import-not-at-top
+  trained = sweep_lib.load_sweep("digits_schedules")
+  names = {p.name for p in sweep_lib.expand(trained)}
+  for schedule in ("linear", "cosine"):
+    sweep = sweep_lib.load_sweep("digits_schedules", f"heun-{schedule}")
+    assert sweep.checkpoint.rsplit("/", 1)[1] in names
+    (plan,) = sweep_lib.plan(sweep, sweep_lib.expand(sweep))
+    s, tables = plan.config.sampling, factories.tables_from_config(plan.config)
+    assert plan.config.diffusion.schedule == schedule and s.sampler == "heun"
+    assert sampling.nfe("heun", s.num_steps, tables, s.grid) <= 50
+    assert sampling.nfe("heun", s.num_steps + 1, tables, s.grid) > 50
+  assert trained.fixed["sampling.sampler"] == "ddim" and trained.fixed["sampling.num_steps"] == 50
+  with open(tmp_path / "digits_schedules.csv", "w", newline="") as f:
+    f.write("point,schedule,status,bpd_total,sampler_nfe,digits_frechet_distance,"
+            "digits_frechet_distance_floor,digits_mean_confidence\n"
+            f"{digits_schedules.point_name('cosine')},cosine,done,4.5,50,30.0,20.0,0.9\n")
+  with open(tmp_path / "digits_schedules_heun_cosine.csv", "w", newline="") as f:
+    f.write("point,status,sampler_nfe,digits_frechet_distance,digits_mean_confidence\n"
+            "heun,done,50,25.5,0.95\n")
+  assert schedules.main([f"--out={tmp_path}"]) == 0
+  table = (tmp_path / "digits_schedules_samplers.md").read_text()
+  assert "| cosine | 4.500 | 50 | 30.0 | 0.900 | 50 | 25.5 | 0.950 | 20.0 |" in table
