@@ -164,6 +164,7 @@ def check_training(config: ml_collections.ConfigDict) -> None:
   p = config.training.p_uncond
   if not 0.0 <= p <= 1.0:
     raise ValueError(f"training.p_uncond must be in [0, 1], got {p}.")
+  check_posthoc_ema(config)
 
 
 def check_parameterization(config: ml_collections.ConfigDict) -> None:
@@ -436,3 +437,32 @@ def check_edit(config: ml_collections.ConfigDict) -> None:
     raise ValueError("edit.resample_jump and edit.resample_count must be >= 0.")
   if e.num_images <= 0:
     raise ValueError(f"edit.num_images must be positive, got {e.num_images}.")
+
+
+MAX_PHEMA_SIGMA_RELS = 4  # each tracked EMA is one more copy of the params in the train state
+
+
+def check_posthoc_ema(config: ml_collections.ConfigDict) -> None:
+  """training.phema_sigma_rels (post-hoc EMA, EDM2): at most a few distinct widths in range, and
+  a snapshot interval >= 0."""
+  from ddpm_jax.core import posthoc_ema  # pylint: disable=g-import-not-at-top
+  tc = config.training
+  sigma_rels = tuple(tc.get("phema_sigma_rels", ()))
+  example = "--config.training.phema_sigma_rels='(0.05, 0.10)'"
+  if len(sigma_rels) > MAX_PHEMA_SIGMA_RELS:
+    raise ValueError(f"training.phema_sigma_rels={sigma_rels} tracks {len(sigma_rels)} EMAs, each "
+                     f"a copy of the params; track at most {MAX_PHEMA_SIGMA_RELS} (EDM2 tracks "
+                     f"two: {example}).")
+  for s in sigma_rels:
+    try:
+      posthoc_ema.gamma_from_sigma_rel(float(s))
+    except (TypeError, ValueError) as error:
+      raise ValueError(f"training.phema_sigma_rels={sigma_rels}: {error}. Use widths like "
+                       f"{example}, or () to turn post-hoc EMA off.") from None
+  if len(set(float(s) for s in sigma_rels)) != len(sigma_rels):
+    raise ValueError(f"training.phema_sigma_rels={sigma_rels} repeats a width; list each once, "
+                     f"e.g. {example}.")
+  every = tc.get("phema_snapshot_every", 0)
+  if every < 0:
+    raise ValueError(f"training.phema_snapshot_every must be >= 0 (0 = every "
+                     f"training.checkpoint_every steps), got {every}.")

@@ -17,6 +17,7 @@ this module is pure NumPy / jax maths with no training-loop state.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 
@@ -39,15 +40,28 @@ def gamma_from_sigma_rel(sigma_rel: float) -> float:
   return float(max(0.0, np.max(roots[np.abs(roots.imag) < 1e-9].real)))
 
 
+def _xp(step):
+  """NumPy for host numbers (float64 maths), jax.numpy for arrays inside a step."""
+  return np if isinstance(step, (int, float, np.ndarray, np.generic)) else jnp
+
+
+def _log_beta(step, gamma: float):
+  # log1p keeps 1 - 1/t exact in float32 at any step (a rounded 1 - 1/t would give each step's
+  # weight a relative error of about 3e-8 t: 3% at a million steps).
+  with np.errstate(divide="ignore"):  # t = 1: log 0 = -inf, beta = 0, as it should be
+    return (gamma + 1.0) * _xp(step).log1p(-1.0 / step)
+
+
 def beta(step, gamma: float):
   """beta_t = (1 - 1/t)^(gamma + 1) for the update that includes the params of step t >= 1."""
-  return (1.0 - 1.0 / step) ** (gamma + 1.0)
+  return _xp(step).exp(_log_beta(step, gamma))
 
 
 def update(ema, params, step, gamma: float):
   """ema_t = beta_t ema_{t-1} + (1 - beta_t) theta_t (step t >= 1; at t = 1, ema = theta_1)."""
-  b = beta(step, gamma)
-  return jax.tree.map(lambda e, p: b * e + (1.0 - b) * p, ema, params)
+  xp, log_b = _xp(step), _log_beta(step, gamma)
+  b, one_minus_b = xp.exp(log_b), -xp.expm1(log_b)
+  return jax.tree.map(lambda e, p: b * e + one_minus_b * p, ema, params)
 
 
 def _log_inner(t_a, g_a, t_b, g_b):

@@ -165,8 +165,13 @@ def _check_tree(params, shapes) -> None:
         "The weights do not fit the network", problems))
 
 
-def _save(workdir: str, config, params, step: int, record: dict) -> None:
-  """Writes config.json, the params-only Orbax checkpoint and imported.json (see module doc)."""
+def write_workdir(workdir: str, config, params, step: int, record: dict) -> None:
+  """Writes config.json, the params-only Orbax checkpoint and imported.json (see module doc).
+
+  `params` (a param tree, arrays or NumPy) is stored as both `params` and `ema_params` of step
+  `step`; `record` is imported.json's content. Also used by post-hoc EMA reconstruction
+  (`training.posthoc_ema_io`), whose output is a params-only workdir too.
+  """
   remote = "://" in workdir
   target = workdir if remote else os.path.abspath(workdir.rstrip("/")) + ".partial"
   if not remote and os.path.exists(target):
@@ -215,5 +220,5 @@ def import_checkpoint(src: str, workdir: str, base: ml_collections.ConfigDict, *
       "changed_from_base_config": {k: list(v) for k, v in changed.items()},
       "notes": model.notes,
   }
-  _save(workdir, config, params, model.step, record)
+  write_workdir(workdir, config, params, model.step, record)
   return record

@@ -11,6 +11,7 @@ This module also owns what happens when a checkpoint does not restore (it is mov
 of sample/eval, and the preemption guard (JAX's preemption sync point, or SIGTERM).
 """
 
+import dataclasses
 import logging as py_logging
 import signal
 import threading
@@ -79,9 +80,29 @@ def create_manager(workdir: str, *, keep: int | None = 3, every: int = 1,
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options, handler_registry=registry)
 
 
+def _state_item(state: TrainState, keep_none_phema: bool = False) -> dict:
+  """The state's pytree fields as the `state` item stores them, {field: subtree}.
+
+  `phema` is left out when post-hoc EMA is off (None), so such a run writes, and restores, the
+  very tree it wrote before the field existed: old checkpoints restore unchanged.
+  `keep_none_phema` keeps it as None: the target of a TrainState that Orbax stored whole.
+  """
+  item = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)
+          if f.metadata.get("pytree_node", True)}
+  if item["phema"] is None and not keep_none_phema:
+    del item["phema"]
+  return item
+
+
+def _stores_phema(manager: ocp.CheckpointManager, step: int) -> bool:
+  """Whether checkpoint `step`'s state tree has a `phema` entry (Orbax's metadata only)."""
+  path = epath.Path(manager.directory) / str(step) / "state"
+  return "phema" in ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+
+
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> None:
   step = int(jax.device_get(state.step))
-  items = {"state": ocp.args.StandardSave(state)}
+  items = {"state": ocp.args.StandardSave(_state_item(state))}
   if data_iter is not None:
     items["data"] = ocp.args.JsonSave(data_iter.get_state())
   manager.save(step, args=ocp.args.Composite(**items), force=True)
@@ -98,7 +119,10 @@ def restore(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
   `data_iter`, when given, is moved in place to the position it had at that step.
   """
   step = manager.latest_step() if step is None else step
-  items = {"state": ocp.args.StandardRestore(_abstract(target))}
+  # Post-hoc EMA off: a checkpoint may hold no `phema` (as `save` writes) or a None one (a
+  # TrainState stored whole); with it on, check_resume has made sure the checkpoint tracks it.
+  keep_none = target.phema is None and _stores_phema(manager, step)
+  items = {"state": ocp.args.StandardRestore(_abstract(_state_item(target, keep_none)))}
   legacy = data_iter is not None and _per_process_data(manager, step)
   if data_iter is not None and not legacy:
     items["data"] = ocp.args.JsonRestore()
@@ -115,7 +139,10 @@ def restore(manager: ocp.CheckpointManager, target: TrainState, data_iter=None,
     data_iter.set_state({**data_iter.get_state(), "position": step})
   elif data_iter is not None:
     data_iter.set_state(restored["data"])
-  return restored["state"]
+  fields = dict(restored["state"])
+  if fields.get("phema") is not None:
+    fields["phema"] = tuple(fields["phema"])
+  return target.replace(**fields)
 
 
 def _per_process_data(manager: ocp.CheckpointManager, step: int) -> bool:

@@ -12,6 +12,7 @@ import ml_collections
 import optax
 
 from ddpm_jax.core import losses
+from ddpm_jax.core import posthoc_ema
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -19,6 +20,8 @@ class TrainState(flax.struct.PyTreeNode):
 
   `rng` is a raw uint32 key (not a typed key) so that Orbax stores it like any array.
   `importance` holds the per-t loss history when timesteps are importance-sampled, else None.
+  `phema` holds the power-function EMAs of post-hoc EMA (EDM2; `training.phema_sigma_rels`), one
+  param tree per sigma_rel, else None; `phema_gammas` (static, like `tx`) are their exponents.
   """
 
   step: jnp.ndarray
@@ -28,13 +31,22 @@ class TrainState(flax.struct.PyTreeNode):
   rng: jnp.ndarray
   importance: losses.ImportanceState | None
   tx: optax.GradientTransformation = flax.struct.field(pytree_node=False)
+  phema: tuple[Any, ...] | None = None
+  phema_gammas: tuple[float, ...] = flax.struct.field(pytree_node=False, default=())
 
   def apply_gradients(self, grads, ema_decay: float) -> "TrainState":
     updates, opt_state = self.tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
     # EMA inside the step, so it is donated and sharded like the params.
     ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, self.ema_params, params)
-    return self.replace(step=self.step + 1, params=params, ema_params=ema, opt_state=opt_state)
+    step = self.step + 1
+    phema = self.phema
+    if phema is not None:
+      # ema_t = beta_t ema_{t-1} + (1 - beta_t) theta_t at t = the new step count (t = 1: params).
+      t = step.astype(jnp.float32)
+      phema = tuple(posthoc_ema.update(e, params, t, g) for e, g in zip(phema, self.phema_gammas))
+    return self.replace(step=step, params=params, ema_params=ema, opt_state=opt_state,
+                        phema=phema)
 
 
 def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
@@ -62,11 +74,23 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1):
           jnp.zeros((batch,), jnp.int32))
 
 
+def phema_gammas(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The power-EMA exponents of `training.phema_sigma_rels` (() when post-hoc EMA is off)."""
+  return tuple(posthoc_ema.gamma_from_sigma_rel(float(s))
+               for s in config.training.get("phema_sigma_rels", ()))
+
+
+def phema_copies(params, n: int) -> tuple[Any, ...] | None:
+  """`n` copies of `params`, each its own buffers (the step donates the state), or None if n = 0."""
+  return tuple(jax.tree.map(jnp.copy, params) for _ in range(n)) if n else None
+
+
 def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> TrainState:
   """Initialises the state inside jit, so every array is created already replicated on `mesh`."""
   tx = make_optimizer(config.optim)
   num_timesteps = config.diffusion.num_timesteps
   use_importance = config.diffusion.t_sampling == "importance"
+  gammas = phema_gammas(config)
 
   def init(rng):
     rng, init_rng, dropout_rng = jax.random.split(rng, 3)
@@ -75,7 +99,8 @@ def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> 
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params,
         ema_params=jax.tree.map(jnp.copy, params), opt_state=tx.init(params), rng=rng,
-        importance=losses.init_importance_state(num_timesteps) if use_importance else None, tx=tx)
+        importance=losses.init_importance_state(num_timesteps) if use_importance else None, tx=tx,
+        phema=phema_copies(params, len(gammas)), phema_gammas=gammas)
 
   replicated = NamedSharding(mesh, P())
   return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.training.seed))

@@ -27,6 +27,7 @@ from ddpm_jax.runtime import logging_lib
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
 from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.training import posthoc_ema_io
 from ddpm_jax.training import train_step as train_step_lib
 
 
@@ -96,13 +97,15 @@ def _start_from(config: ml_collections.ConfigDict, model, mesh, state):
   logging.info("Starting from the %s params of step %d in %s (training.init_from): step 0, a "
                "fresh optimiser state, EMA = those params.", "EMA" if tc.init_from_ema else "raw",
                step, tc.init_from)
-  # Adam's moments are zeros whatever the params, so the fresh state's are kept. The EMA is a
-  # copy: the train step donates the state, and one buffer cannot be donated twice.
-  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params))
+  # Adam's moments are zeros whatever the params, so the fresh state's are kept. The EMAs are
+  # copies: the train step donates the state, and one buffer cannot be donated twice.
+  phema = None if state.phema is None else train_state_lib.phema_copies(params, len(state.phema))
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), phema=phema)
 
 
 def _restored_is_finite(state) -> None:
-  if not bool(jax.device_get(train_step_lib.all_finite(state.params, state.ema_params))):
+  if not bool(jax.device_get(train_step_lib.all_finite(state.params, state.ema_params,
+                                                       state.phema))):
     raise FloatingPointError("non-finite params or EMA")
 
 
@@ -160,6 +163,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     input_pipeline.save_class_names(config, workdir, parts.train_source)  # label -> folder name
   step = int(jax.device_get(state.step))
   start_step = step
+  # Post-hoc EMA snapshots (<workdir>/phema, see posthoc_ema_io); 0 when off.
+  phema_every = posthoc_ema_io.snapshot_every(config) if state.phema is not None else 0
 
   train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
   # A noise-conditional classifier (training.objective) has no samples to show or score.
@@ -212,6 +217,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never save a bad update
         checkpointing.save(manager, state, data_iter)
         writer.flush()  # TensorBoard on a bucket: events up to the checkpoint survive a kill
+      if phema_every and (step % phema_every == 0 or final):
+        _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never snapshot a bad update
+        if jax.process_index() == 0:  # copied to the host before the next step donates the state
+          posthoc_ema_io.write_snapshot(workdir, step, state.phema, tc.phema_sigma_rels,
+                                        state.phema_gammas)
       if generative and (step % tc.sample_every == 0 or (final and not preempted)):
         _write_grid(config, workdir, writer, grid_sampler, state, step)
       if preempted:
