@@ -26,6 +26,7 @@ from etils import epath
 import ml_collections
 import numpy as np
 
+from ddpm_jax.core import denoisers
 from ddpm_jax.core import schedules
 from ddpm_jax.runtime import logging_lib
 
@@ -194,17 +195,32 @@ def _pyplot():
   return plt
 
 
+def _curve(diffusion) -> tuple:
+  """(name, T, zero terminal SNR, sigma range) of a point's noise levels: its schedule, or for an
+  EDM or flow-matching point the EDM ladder it is sampled on (its schedule is unused)."""
+  d = diffusion
+  if getattr(d, "parameterization", "ddpm") == "ddpm":
+    return d.schedule, d.num_timesteps, d.zero_terminal_snr, None
+  return "EDM ladder", d.num_timesteps, False, (float(d.sigma_min), float(d.sigma_max))
+
+
+def _curve_tables(name, t, zero_snr, sigmas):
+  if sigmas is None:
+    return schedules.make_tables(schedules.get_beta_schedule(name, t, zero_snr))
+  return denoisers.tables_from_sigmas(denoisers.edm_sigmas(t, *sigmas))
+
+
 def plot_log_snr(entries: Sequence[Entry], path: str) -> None:
-  """log-SNR against t/T of each distinct (schedule, T, zero terminal SNR) of the sweep."""
+  """log-SNR against t/T of each distinct (schedule, T, zero terminal SNR) of the sweep, and of
+  the EDM ladder of its EDM / flow-matching points."""
   plt = _pyplot()
-  curves = list(dict.fromkeys((e.config.diffusion.schedule, e.config.diffusion.num_timesteps,
-                               e.config.diffusion.zero_terminal_snr) for e in entries))
+  curves = list(dict.fromkeys(_curve(e.config.diffusion) for e in entries))
   names = list(dict.fromkeys(c[0] for c in curves))
   lengths = sorted({c[1] for c in curves})
   colors = plt.get_cmap("tab10")
   fig, ax = plt.subplots(figsize=(7, 4.5))
-  for schedule, t, zero_snr in curves:
-    tables = schedules.make_tables(schedules.get_beta_schedule(schedule, t, zero_snr))
+  for schedule, t, zero_snr, sigmas in curves:
+    tables = _curve_tables(schedule, t, zero_snr, sigmas)
     label = schedule + (f" T={t}" if len(lengths) > 1 else "") + (" (zero SNR)" if zero_snr else "")
     ax.plot(np.arange(1, t + 1) / t, np.asarray(tables.log_snr), label=label,
             color=colors(names.index(schedule) % 10),

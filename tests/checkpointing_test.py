@@ -152,7 +152,11 @@ def _record(workdir):
                                             ({"diffusion.t_sampling": "importance"},
                                              "diffusion.t_sampling"),
                                             ({"diffusion.schedule": "cosine"},
-                                             "diffusion.schedule")])
+                                             "diffusion.schedule"),
+                                            ({"training.phema_sigma_rels": (0.05, 0.1)},
+                                             "training.phema_sigma_rels"),
+                                            ({"diffusion.parameterization": "edm"},
+                                             "diffusion.parameterization")])
 def test_refused_resume_names_the_field_and_keeps_config_json(reference, tmp_path, monkeypatch,
                                                               override, field):
   _, reference_dir = reference
@@ -163,7 +167,7 @@ def test_refused_resume_names_the_field_and_keeps_config_json(reference, tmp_pat
     train.train_and_evaluate(tiny_config(**{**STEPS, "training.num_train_steps": 20, **override}),
                              workdir)
   assert "strict" not in str(error.value)
-  if field == "diffusion.schedule":
+  if field in ("diffusion.schedule", "diffusion.parameterization"):
     assert "allow_config_change=True" in str(error.value)
   assert _record(workdir) == before
 

@@ -5,6 +5,8 @@ The exact-score sampling of both parameterisations by every sampler is in denois
 1-vs-N-device equality of their train step in train_step_test.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,6 +66,32 @@ def test_training_loss_and_samplers_see_the_same_denoiser(parameterization):
     np.testing.assert_array_equal(aux["mse"], loss)
 
 
+def test_edm_network_sees_250_c_noise_and_c_in_x():
+  """A network that returns its time input: D = c_skip x + c_out 250 log(sigma) / 4, in the loss
+  (VE input x0 + sigma n) and in the sampler (the same point as VP x_t at ladder index k)."""
+  config = tiny_config(**{"diffusion.parameterization": "edm"})
+  tables = factories.tables_from_config(config)
+  x0, noise, k = _draw(1)
+  sigma = noise_levels.sigma_at(tables, k)
+  seen = []
+
+  def spy(x, time_input):
+    seen.append(x)
+    return jnp.broadcast_to(time_input[:, None, None, None], x.shape)
+
+  b = lambda v: v[:, None, None, None]
+  x_ve = x0 + b(sigma) * noise
+  c_skip, c_out, c_in, _ = (np.asarray(c) for c in denoisers.edm_scalings(sigma))
+  expected = b(c_skip) * x_ve + b(c_out) * b(62.5 * np.log(sigma))
+  _, aux = factories.loss_fn_from_config(config, tables)(spy, x0, sigma, noise)
+  np.testing.assert_allclose(aux["mse"], np.mean((expected - x0) ** 2, axis=(1, 2, 3)),
+                             rtol=1e-4)
+  np.testing.assert_allclose(seen[-1], b(c_in) * x_ve, rtol=1e-5, atol=1e-6)
+  x_t = x_ve / b(np.sqrt(1 + sigma**2))
+  np.testing.assert_allclose(factories.sampler_model_fn(config, tables, spy)(x_t, k), expected,
+                             rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("parameterization", ["edm", "flow"])
 def test_sampling_tables_are_the_edm_ladder(parameterization):
   config = tiny_config(**{"diffusion.parameterization": parameterization,
@@ -105,6 +133,8 @@ def test_training_noise_levels_follow_their_distributions():
     ({"training.objective": "classifier", "model.num_classes": 10}, "training.objective"),
     ({"diffusion.sigma_min": 90.0}, "sigma_min"),
     ({"diffusion.sigma_data": 0.0}, "sigma_data"),
+    ({"sampling.classifier_workdir": "runs/classifier", "sampling.classifier_scale": 1.0},
+     "sampling.classifier_workdir"),
 ])
 @pytest.mark.parametrize("parameterization", ["edm", "flow"])
 def test_invalid_edm_and_flow_settings_fail_naming_the_fix(parameterization, override, message):
@@ -132,3 +162,10 @@ def test_a_trained_run_samples_and_evaluates_as_its_parameterization(tmp_path, p
   wrong = tiny_config(**{**overrides, "diffusion.parameterization": "ddpm"})
   with pytest.raises(ValueError, match="misread"):
     drivers.sample(wrong, workdir)
+  # A sample-only sweep point links the run's checkpoints and has no config.json of its own:
+  # the run's record is found through the link.
+  linked = tmp_path / "point"
+  linked.mkdir()
+  os.symlink(os.path.join(workdir, "checkpoints"), linked / "checkpoints")
+  with pytest.raises(ValueError, match="misread"):
+    drivers.sample(wrong, str(linked))

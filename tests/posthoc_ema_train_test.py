@@ -300,3 +300,16 @@ def test_bad_inputs_fail_with_the_fix(reference, tmp_path):
   with pytest.raises(ValueError, match=r"phema_snapshot_every must be >= 0"):
     validation.check_training(tiny_config(**{"training.phema_snapshot_every": -1}))
   validation.check_training(config)  # the reference's settings pass
+
+
+def test_resume_sets_aside_snapshots_newer_than_the_restored_step(tmp_path):
+  """A run resumed from checkpoint s replays the steps after s on another trajectory: the old
+  snapshots of those steps are renamed (never deleted) so no reconstruction mixes the two."""
+  workdir = str(tmp_path)
+  tree = ({"w": np.ones((2,), np.float32)},)
+  for step in (2, 4, 6):
+    posthoc_ema_io.write_snapshot(workdir, step, tree, (0.05,), (6.94,))
+  moved = posthoc_ema_io.set_aside_after(workdir, 4)
+  assert [s.step for s in posthoc_ema_io.list_snapshots(workdir)] == [2, 4]
+  assert [p.name for p in moved] == ["phema-00000006.safetensors.abandoned-at-4"]
+  assert moved[0].exists()

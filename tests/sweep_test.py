@@ -457,6 +457,17 @@ def test_log_snr_plot_draws_log_abar_over_one_minus_abar(tmp_path, monkeypatch):
       expected = np.log(abar) - np.log1p(-abar)
     np.testing.assert_allclose(x, np.arange(1, 101) / 100)
     np.testing.assert_allclose(np.asarray(y, np.float64), expected, rtol=1e-5, atol=1e-5)
+  # An EDM point (its schedule unused) is drawn as the ladder it samples on: -2 log sigma.
+  from ddpm_jax.core import denoisers  # pylint: disable=g-import-not-at-top
+  drawn.clear()
+  edm = types.SimpleNamespace(config=types.SimpleNamespace(diffusion=types.SimpleNamespace(
+      schedule="linear", num_timesteps=100, zero_terminal_snr=False, parameterization="edm",
+      sigma_min=0.002, sigma_max=80.0)))
+  collate.plot_log_snr([edm], str(tmp_path / "q.png"))
+  ((label, _, y),) = drawn
+  assert label == "EDM ladder"
+  np.testing.assert_allclose(np.asarray(y, np.float64),
+                             -2 * np.log(denoisers.edm_sigmas(100)), rtol=1e-4, atol=1e-4)
   assert (tmp_path / "p.png").exists()
 
 

@@ -386,11 +386,20 @@ def check_guide(config: ml_collections.ConfigDict, mode: str) -> factories.Guide
   if gconfig.training.objective != "diffusion":
     raise ValueError(f"sampling.guide_workdir={run_dir} holds a training.objective="
                      f"{gconfig.training.objective!r} run; the guide must be a denoiser.")
-  mine, theirs = run_config.flat(config), run_config.flat(gconfig)
-  same = ["data.image_size", "data.num_channels", *run_config.MEANING, "diffusion.model_var"]
+  steps = checkpointing.all_steps(run_dir)
+  if not steps:
+    raise ValueError(f"sampling.guide_workdir={run_dir} has no checkpoint in "
+                     f"{checkpointing.checkpoint_dir(run_dir)}.")
+  step = steps[-1] if int(s.guide_step) < 0 else int(s.guide_step)
+  if step not in steps:
+    raise ValueError(f"sampling.guide_step={step}: {run_dir} has checkpoints at steps {steps}.")
+  # The config of the segment that wrote that checkpoint (a resumed guide may have changed).
+  mine, theirs = run_config.flat(config), run_config.segment_config(run_dir, step)
+  same = ["data.image_size", "data.num_channels", "diffusion.model_var"]
   if config.diffusion.parameterization == "ddpm":  # the guide reads t on the same schedule
     same += ["diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_terminal_snr"]
   diff = {k: (theirs.get(k), mine.get(k)) for k in same if theirs.get(k) != mine.get(k)}
+  diff.update(run_config.meaning_differences(theirs, mine))
   if diff:
     raise ValueError(f"The guide in {run_dir} is not a model of the same process as this one: "
                      + ", ".join(f"{k} guide {a!r} vs {b!r}" for k, (a, b) in diff.items())
@@ -400,13 +409,6 @@ def check_guide(config: ml_collections.ConfigDict, mode: str) -> factories.Guide
   if k_guide and k_guide != k_model:
     raise ValueError(f"The guide in {run_dir} is conditional on {k_guide} classes, this model on "
                      f"{k_model}; use an unconditional guide or one of the same classes.")
-  steps = checkpointing.all_steps(run_dir)
-  if not steps:
-    raise ValueError(f"sampling.guide_workdir={run_dir} has no checkpoint in "
-                     f"{checkpointing.checkpoint_dir(run_dir)}.")
-  step = steps[-1] if int(s.guide_step) < 0 else int(s.guide_step)
-  if step not in steps:
-    raise ValueError(f"sampling.guide_step={step}: {run_dir} has checkpoints at steps {steps}.")
   return factories.GuideRun(run_dir, gconfig, step)
 
 

@@ -41,10 +41,11 @@ Denoiser = Callable[[jax.Array, jax.Array], jax.Array]  # D(x_VE [B, ...], sigma
 # EDM's preconditioned denoiser, or a flow-matching velocity field.
 PARAMETERIZATIONS = ("ddpm", "edm", "flow")
 # The U-Net embeds its time input with DDPM's sinusoids, made for t in 0..999. EDM's c_noise =
-# log(sigma) / 4 spans [-1.55, 1.10] on [0.002, 80] and flow time t spans [0, 1], so both are
-# scaled to a range of about 700-1000 first: the network's time input is 250 c_noise for EDM
-# (as NCSN++ and EDM's DhariwalUNet scale their embeddings' input) and 1000 t for flow matching
-# (as rectified-flow models do: Esser et al. 2024).
+# log(sigma) / 4 spans [-1.55, 1.10] on [0.002, 80] and flow time t spans [0, 1], so this
+# codebase scales both to a range of several hundred first: the network's time input is
+# 250 c_noise for EDM (662 wide on EDM's ladder; EDM's own U-Nets take c_noise unscaled into
+# embeddings made for it) and 1000 t for flow matching (as rectified-flow models do: Esser et al.
+# 2024).
 EDM_TIME_SCALE = 250.0
 FLOW_TIME_SCALE = 1000.0
 

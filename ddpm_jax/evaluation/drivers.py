@@ -57,17 +57,17 @@ def load(config: ml_collections.ConfigDict, workdir: str, parts: factories.Compo
   mesh = mesh_lib.make_mesh()
   abstract = train_state_lib.abstract_params(config, parts.model, mesh)
   arch = {}
-  if (epath.Path(workdir) / "config.json").exists():
-    latest = run_config.segment_config(workdir, 1 << 62) or {}
-    diff = run_config.differences(latest, run_config.flat(config))
-    arch = run_config.architecture_fields(diff)
-    meaning = {k: v for k, v in diff.items() if k in run_config.MEANING and k in latest}
+  source = run_config.record_dir(workdir)  # the run's own, or a linked run's (sweeps)
+  if source is not None:
+    latest = run_config.segment_config(source, 1 << 62) or {}
+    arch = run_config.architecture_fields(run_config.differences(latest, run_config.flat(config)))
+    meaning = run_config.meaning_differences(latest, run_config.flat(config))
     if meaning:
       run = ", ".join(f"{k}={a!r}" for k, (a, _) in meaning.items())
       now = ", ".join(f"{k}={b!r}" for k, (_, b) in meaning.items())
-      raise ValueError(f"{workdir} trained its network as {run}, but this config says {now}: its "
+      raise ValueError(f"{source} trained its network as {run}, but this config says {now}: its "
                        "outputs would be misread. Use the run's values, e.g. "
-                       f"--config=configs/workdir.py:{workdir}.")
+                       f"--config=configs/workdir.py:{source}.")
   hint = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in arch.items())
   use_ema = config.sampling.use_ema
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, hint=hint)

@@ -84,6 +84,9 @@ def quality_report(config, workdir, params, mesh, model, tables, step, *, sample
     report["num_samples"] = total
     report["sampler"] = factories.sampler_label(config)
     report["sampler_nfe"] = factories.sampler_nfe(config)
+    if s.guide_workdir:  # autoguidance: each call also runs the guide (where w > 0)
+      report.update(autoguidance_scale=float(s.autoguidance_scale), guide_workdir=s.guide_workdir,
+                    guide_step=int(s.guide_step))
   if "digits_score" in metrics:
     from ddpm_jax.metrics import digits_classifier  # pylint: disable=g-import-not-at-top
     score = digits_classifier.digits_score(gather_samples(samples, index),

@@ -39,7 +39,7 @@ VARIANCES_OUT = {"fixed_small": "fixed_small", "fixed_large": "fixed_large",
 
 DDPM_PUBLISHED = {"diffusion.schedule": "linear", "diffusion.num_timesteps": 1000,
                   "diffusion.model_output": "eps", "diffusion.clip_x0": True,
-                  "diffusion.zero_terminal_snr": False}
+                  "diffusion.zero_terminal_snr": False, "diffusion.parameterization": "ddpm"}
 
 
 def ddpm_published_variance(image_size: int) -> str:
@@ -137,6 +137,7 @@ def process_from_scheduler(cfg: Mapping[str, Any], image_size: int) -> tuple[dic
       "diffusion.model_var": VARIANCES_IN[variance],
       "diffusion.clip_x0": clip,
       "diffusion.zero_terminal_snr": bool(cfg.get("rescale_betas_zero_snr", False)),
+      "diffusion.parameterization": "ddpm",  # a DDPMScheduler's model, whatever the base config
   }, notes
 
 

@@ -13,6 +13,7 @@ On resume the new config is compared with the config of the segment that wrote t
 
 from collections.abc import Mapping
 import json
+import os
 import re
 
 from absl import logging
@@ -29,10 +30,20 @@ PROCESS = ("diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_term
            "diffusion.model_output", "diffusion.model_var", "diffusion.loss",
            "diffusion.hybrid_lambda", "diffusion.weighting", "diffusion.p2_k", "diffusion.p2_gamma",
            "diffusion.min_snr_gamma", "diffusion.parameterization", "diffusion.sigma_data",
-           "diffusion.p_mean", "diffusion.p_std", "diffusion.sigma_min", "diffusion.sigma_max",
-           "diffusion.flow_t", "diffusion.flow_t_mean", "diffusion.flow_t_std")
+           "diffusion.p_mean", "diffusion.p_std", "diffusion.flow_t", "diffusion.flow_t_mean",
+           "diffusion.flow_t_std")
 # What the network's output means: sampling a run with other values would misread it.
 MEANING = ("diffusion.parameterization", "diffusion.sigma_data", "diffusion.model_output")
+
+
+def meaning_differences(run: dict, now: dict) -> dict:
+  """{key: (run's, now)} of the `MEANING` fields that differ between two flat configs; an EDM or
+  flow run's `model_output` (unused) and a DDPM run's `sigma_data` (unused) do not count."""
+  used = {"diffusion.parameterization",
+          "diffusion.model_output" if run.get("diffusion.parameterization", "ddpm") == "ddpm"
+          else "diffusion.sigma_data"}
+  return {k: (run.get(k), now.get(k)) for k in MEANING
+          if k in used and k in run and run.get(k) != now.get(k)}
 # Fields added after runs were recorded, with the value those runs had.
 _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "training.init_from": "", "training.init_from_ema": True,
@@ -84,6 +95,20 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
     if name not in config[section]:
       config[section][name] = value
   return config
+
+
+def record_dir(workdir: str) -> str | None:
+  """Where a run's config record is: `workdir` itself, or, for a sample-only sweep point whose
+  `checkpoints` links to another run's (`experiments.launch.link_checkpoint`), that run; None if
+  neither has a config.json."""
+  if (epath.Path(workdir) / "config.json").exists():
+    return workdir
+  link = os.path.join(workdir, "checkpoints")
+  if "://" not in workdir and os.path.islink(link):
+    source = os.path.dirname(os.path.realpath(link))
+    if os.path.exists(os.path.join(source, "config.json")):
+      return source
+  return None
 
 
 def segment_config(workdir: str, step: int) -> dict | None:

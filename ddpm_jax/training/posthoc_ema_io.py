@@ -172,6 +172,20 @@ def list_snapshots(workdir: str) -> list[Snapshot]:
   return sorted(out, key=lambda s: s.step)
 
 
+def set_aside_after(workdir: str, step: int) -> list[epath.Path]:
+  """Renames the snapshots of steps after `step` to `<name>.abandoned-at-<step>` and returns
+  their new paths: a run resumed from checkpoint `step` replays those steps on another
+  trajectory (e.g. after a kill between a snapshot and the next checkpoint), and a
+  reconstruction must not mix the two. Nothing is deleted."""
+  moved = []
+  for snap in list_snapshots(workdir):
+    if snap.step > step:
+      target = snap.path.parent / f"{snap.path.name}.abandoned-at-{step}"
+      snap.path.rename(target)
+      moved.append(target)
+  return moved
+
+
 def read_snapshot(path) -> tuple[Snapshot, tuple[dict, ...]]:
   """A snapshot's header and its EMAs (NumPy param trees, one per sigma_rel)."""
   path = epath.Path(path)

@@ -165,6 +165,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = step
   # Post-hoc EMA snapshots (<workdir>/phema, see posthoc_ema_io); 0 when off.
   phema_every = posthoc_ema_io.snapshot_every(config) if state.phema is not None else 0
+  if phema_every and jax.process_index() == 0:
+    for path in posthoc_ema_io.set_aside_after(workdir, step):
+      logging.warning("Post-hoc EMA snapshot %s is newer than the resumed step %d: set aside.",
+                      path, step)
 
   train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
   # A noise-conditional classifier (training.objective) has no samples to show or score.
