@@ -1,7 +1,8 @@
 """The objectives table: each trained objective with its best sampler at each model-call budget.
 
 Reads the four sample-only sweeps of `experiments/sweeps/digits_objectives.py`
-(<out>/digits_objectives_<objective>.csv) and writes <out>/digits_objectives.{md,csv,png}: per
+(<out>/digits_objectives_<objective>.csv) and writes <out>/digits_objectives_best.{md,csv,png}
+(the training sweep's own table and loss curves are <out>/digits_objectives.*): per
 objective and budget (10, 20, 50 calls) the sampler with the lowest digits FD, its calls, FD,
 mean confidence and IS, and a plot of FD against calls.
 
@@ -16,7 +17,8 @@ import sys
 from experiments import collate
 from experiments.sweeps import digits_objectives
 
-NAME = "digits_objectives"
+SWEEP = "digits_objectives"  # the sweeps write <out>/digits_objectives_<objective>.csv
+NAME = "digits_objectives_best"  # this table
 # What each objective's network predicts, its loss weight and how it is sampled here (README).
 DESCRIPTION = {
     "eps": "DDPM eps (L_simple)",
@@ -56,7 +58,7 @@ def best_rows(results: dict[str, list[dict]]) -> list[dict]:
 def read_results(out: str) -> dict[str, list[dict]]:
   results = {}
   for objective in digits_objectives.OBJECTIVES:
-    path = os.path.join(out, f"{NAME}_{objective}.csv")
+    path = os.path.join(out, f"{SWEEP}_{objective}.csv")
     if os.path.exists(path):
       with open(path, newline="") as f:
         results[objective] = [r for r in csv.DictReader(f) if r.get("status") == "done"]
@@ -116,7 +118,7 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   results = read_results(args.out)
   if not results:
-    print(f"No {NAME}_<objective>.csv in {args.out}: run the sweeps first (see "
+    print(f"No {SWEEP}_<objective>.csv in {args.out}: run the sweeps first (see "
           "experiments/sweeps/digits_objectives.py).", file=sys.stderr)
     return 1
   rows = best_rows(results)

@@ -491,9 +491,9 @@ def test_objectives_table_takes_the_lowest_fd_sampler_of_each_budget(tmp_path):
       writer.writeheader()
       writer.writerows(mine)
   assert objectives.main([f"--out={tmp_path}"]) == 0
-  table = (tmp_path / "digits_objectives.md").read_text()
+  table = (tmp_path / "digits_objectives_best.md").read_text()
   assert "| EDM (Karras et al. 2022) | 10 | dpm_solver_pp | 10 | 70.2 |" in table
-  assert (tmp_path / "digits_objectives.png").stat().st_size > 0
+  assert (tmp_path / "digits_objectives_best.png").stat().st_size > 0
 
 
 def test_schedule_ablation_scores_each_checkpoint_with_ddim_and_heun(tmp_path):

@@ -10,7 +10,7 @@ Then one sample-only sweep per objective scores its EMA model with three sampler
 (`--mode=eval`, digits score, 500 samples as the quickstart draws):
 
   for o in eps v edm flow; do python -m experiments.sweep --sweep=digits_objectives --grid=$o; done
-  python -m experiments.objectives   # the combined table and plot (best sampler per NFE)
+  python -m experiments.objectives   # digits_objectives_best.*: best sampler per NFE
 
 Heun makes 2N - 1 calls on N points, fewer where a step starts above sigma 80 (Euler there:
 `sampling.nfe`); each point takes the most grid points within its budget.
