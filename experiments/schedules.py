@@ -39,7 +39,11 @@ def rows(out: str) -> list[dict]:
              if r.get("num_timesteps", "1000") == "1000" and r.get("loss", "mse") == "mse"}
   table = []
   for schedule in digits_schedules.GRIDS["default"]["diffusion.schedule"]:
-    ddim = trained.get(schedule, {})
+    ddim = dict(trained.get(schedule, {}))
+    # A training sweep's table holds fewer columns than its eval report: fill from the report.
+    report = os.path.join(digits_schedules.ROOT, digits_schedules.point_name(schedule))
+    if ddim and os.path.isdir(report):
+      ddim = {**{k: str(v) for k, v in collate.latest_eval(report).items()}, **ddim}
     heun = next(iter(_read(os.path.join(out, f"digits_schedules_heun_{schedule}.csv"))), {})
     if not ddim and not heun:
       continue
