@@ -15,20 +15,14 @@ model's classes, unguided.
 
 from ddpm_jax.config import conditioning
 from ddpm_jax.config import factories
-from ddpm_jax.runtime import checkpointing
-from ddpm_jax.runtime import train_state as train_state_lib
+from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.sampling import guidance
 
 
 def load(run: factories.GuideRun | None, mesh, use_ema: bool):
-  """(module, params) of the validated guide run at its step, or None when autoguidance is off."""
-  if run is None:
-    return None
-  module = factories.create_model(run.config)
-  abstract = train_state_lib.abstract_params(run.config, module, mesh)
-  params, _ = checkpointing.restore_params(run.workdir, abstract, use_ema=use_ema, step=run.step,
-                                           hint=f"the architecture in {run.workdir}/config.json")
-  return module, params
+  """(module, params) of the validated guide run at its step, or None when autoguidance is off
+  (the same restore as classifier guidance's run: its own config's architecture, params only)."""
+  return classifier_guidance.load(run, mesh, use_ema)
 
 
 def wrap(config, model_fn, tables, run: factories.GuideRun, module, params, n: int,

@@ -20,8 +20,9 @@ from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.sampling import guidance
 
 
-def load(run: factories.ClassifierRun | None, mesh, use_ema: bool):
-  """(module, params) of the validated classifier run, or None when guidance is off."""
+def load(run: factories.ClassifierRun | factories.GuideRun | None, mesh, use_ema: bool):
+  """(module, params) of a validated run at its step (the classifier, or autoguidance's guide),
+  or None when off."""
   if run is None:
     return None
   module = factories.create_model(run.config)
