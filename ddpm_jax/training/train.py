@@ -217,12 +217,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars = {k: v for k, v in last.items() if k not in ("preempt", "finite")}
         progress.report(step, scalars)
         writer.write_scalars(step, {**scalars, "images_per_sec": imgs_per_s})
-      if step % tc.checkpoint_every == 0 or final:
-        _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never save a bad update
+      save_now = step % tc.checkpoint_every == 0 or final
+      snapshot_now = bool(phema_every) and (step % phema_every == 0 or final)
+      if save_now or snapshot_now:  # never save or snapshot a bad update (one host sync)
+        _check_finite(step, _fetch(metrics, ("finite",)), manager)
+      if save_now:
         checkpointing.save(manager, state, data_iter)
         writer.flush()  # TensorBoard on a bucket: events up to the checkpoint survive a kill
-      if phema_every and (step % phema_every == 0 or final):
-        _check_finite(step, _fetch(metrics, ("finite",)), manager)  # never snapshot a bad update
+      if snapshot_now:
         if jax.process_index() == 0:  # copied to the host before the next step donates the state
           posthoc_ema_io.write_snapshot(workdir, step, state.phema, tc.phema_sigma_rels,
                                         state.phema_gammas)
