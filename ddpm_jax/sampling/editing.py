@@ -46,6 +46,9 @@ MASKS: dict[str, Callable[[int, int], np.ndarray]] = {
     "outside_box": lambda h, w: _box(h, w, h // 4, h - h // 4, w // 4, w - w // 4),
     "every_other_row": lambda h, w: np.repeat((np.arange(h) % 2 == 0)[:, None], w, 1)
                                       .astype(np.float32),
+    # Half of the pixels, drawn at random once (seed 0 of NumPy's PCG64 for every size).
+    "random_half": lambda h, w: (np.random.default_rng(0).permutation(h * w) < (h * w) // 2)
+                                .reshape(h, w).astype(np.float32),
 }
 
 
