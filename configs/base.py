@@ -34,6 +34,9 @@ def get_config() -> ml_collections.ConfigDict:
       resamp_with_conv=True,
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       num_classes=0,            # 0 = unconditional; K = class-conditional on labels 0..K-1
+      sr_factor=0,              # f > 0: a super-resolution stage (SR3 / cascade) that also takes
+                                # the x f bilinearly upsampled (H/f)x(W/f) image (README
+                                # "Restoration and super-resolution")
   ))
 
   config.diffusion = ml_collections.ConfigDict(dict(
@@ -83,6 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
       allow_config_change=False,     # resume despite a changed diffusion process
       p_uncond=0.1,             # class-conditional models: label dropped to the null class
                                 # with this probability (classifier-free guidance)
+      cond_aug_max=0.0,         # super-resolution stages: the low-res input gets Gaussian noise
+                                # of std U[0, cond_aug_max] (conditioning augmentation, Ho et al.
+                                # 2022), its level embedded
       objective="diffusion",    # diffusion | classifier (noisy classifier p(c | x_t, t) for
                                 # classifier guidance; model.num_classes = its K)
       init_from="",             # fine-tuning: a workdir (a run, or an imported model) whose
@@ -128,6 +134,9 @@ def get_config() -> ml_collections.ConfigDict:
       use_ema=True,
       trajectory_every=100,     # record x_t and x0_hat every k sampler steps
       seed=1,
+      low_res_input="",         # super-resolution stages: .npz or PNG folder of (H/f)x(W/f)
+                                # images to upsample (--mode=sample)
+      cond_aug=0.0,             # ... and the conditioning-augmentation noise std they get
       class_label=-1,           # conditional models: a class, or -1 for one of each in turn
       guidance_scale=0.0,       # classifier-free guidance w: (1 + w) eps(x, c) - w eps(x, null)
       guidance_t_min=0.0,       # guidance only for timestep indices in [t_min, t_max]
@@ -152,6 +161,24 @@ def get_config() -> ml_collections.ConfigDict:
       resample_jump=0,          # RePaint jump length (0 = plain replacement, no resampling)
       resample_count=0,         # RePaint jumps back per jump (r - 1 in Lugmayr et al. 2022)
       num_images=16,            # images taken from the input
+  ))
+
+  config.restore = ml_collections.ConfigDict(dict(
+      task="sr2",               # --mode=restore: sr2 | sr4 | blur_gauss | blur_uniform |
+                                # colourise | inpaint | denoise (core.degradations.TASKS)
+      method="ddnm",            # ddnm | pigdm (sampling.restoration.METHODS), on sampling.sampler
+      sigma_y=0.0,              # measurement noise std (on the [-1, 1] scale), >= 0
+      input="",                 # .npz or PNG folder, as edit.input
+      input_kind="truth",       # truth: clean images, measured here (y = A x + sigma_y n), and
+                                # scored; measurement: y itself (low-res, grey, masked...)
+      mask="random_half",       # inpaint: a named shape (sampling.editing.MASKS) or a PNG
+      sigma_data=1.0,           # data std in r_t^2 = sd^2 s^2 / (alpha^2 sd^2 + s^2) (PiGDM)
+      num_images=16,            # images taken from the input
+  ))
+
+  config.cascade = ml_collections.ConfigDict(dict(
+      base_workdir="",          # --mode=cascade: the base run, sampled with its own config.json,
+                                # whose samples this super-resolution stage upsamples
   ))
 
   config.eval = ml_collections.ConfigDict(dict(

@@ -29,8 +29,11 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Checkpoints, logs and samples go here.")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "sample", "eval", "edit"],
-                          "What to run (edit: inpainting / SDEdit, see evaluation/drivers.py).")
+_MODE = flags.DEFINE_enum(
+    "mode", "train", ["train", "sample", "eval", "edit", "restore", "cascade"],
+    "What to run (edit: inpainting / SDEdit; restore: zero-shot super-resolution, deblurring, "
+    "inpainting, colourisation, denoising; cascade: a base run's samples through a "
+    "super-resolution stage; see evaluation/drivers.py).")
 _COORDINATOR = flags.DEFINE_string(
     "coordinator_address", None,
     "host:port of process 0, for multi-process runs outside TPU pods (with --num_processes and "
@@ -110,8 +113,8 @@ def main(argv):
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
   if _SIGTERM.is_set():
     sys.exit(128 + signal.SIGTERM)
-  {"sample": drivers.sample, "eval": drivers.evaluate, "edit": drivers.edit}[_MODE.value](
-      config, workdir)
+  {"sample": drivers.sample, "eval": drivers.evaluate, "edit": drivers.edit,
+   "restore": drivers.restore, "cascade": drivers.cascade}[_MODE.value](config, workdir)
 
 
 def run() -> None:

@@ -65,7 +65,7 @@ def create_model(config: ml_collections.ConfigDict):
   """The network of a config: the U-Net, or its encoder as a noise-conditional classifier.
 
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-  dtype, num_classes}, config.data.num_channels and config.diffusion.model_var (a learned
+  dtype, num_classes, sr_factor}, config.data.num_channels and config.diffusion.model_var (a learned
   variance doubles the output channels). With training.objective = 'classifier' it builds the
   same encoder as a `NoisyClassifier` with model.num_classes logits (classifier guidance's
   p(c | x_t, t)).
@@ -80,7 +80,8 @@ def create_model(config: ml_collections.ConfigDict):
   channels = config.data.num_channels
   learned_var = config.diffusion.model_var in diffusion.LEARNED_VARS
   return models.UNet(out_channels=2 * channels if learned_var else channels,
-                     num_classes=int(m.num_classes), **common)
+                     num_classes=int(m.num_classes),
+                     cond_channels=channels if m.get("sr_factor", 0) > 0 else 0, **common)
 
 
 def model_output(config: ml_collections.ConfigDict) -> str:
@@ -134,8 +135,12 @@ def sampler_steps(config: ml_collections.ConfigDict, name: str | None = None,
 
 
 def sampler_from_config(config: ml_collections.ConfigDict, tables, *, sampler: str | None = None,
-                        num_steps: int | None = None, trajectory_every: int = 0):
+                        num_steps: int | None = None, trajectory_every: int = 0,
+                        for_x0_model: bool = False):
   """The sampler named in `config.sampling`, optionally overriding its name and step count.
+
+  for_x0_model: the sampler of a model of x0 that clips (or not) by itself, e.g. a zero-shot
+  restoration solver's (`sampling.restoration.x0_model`): model_output 'x0', no clipping here.
 
   `sampling.grid` "default" is the sampler's own grid (`sampling.DEFAULT_GRIDS`). The ancestral
   sampler runs all T steps unless the model learns its variance, where `num_steps` respaces it
@@ -145,10 +150,12 @@ def sampler_from_config(config: ml_collections.ConfigDict, tables, *, sampler: s
   name = sampler or s.sampler
   steps = sampler_steps(config, name, num_steps)
   edm = edm_options(s) if name == "edm_stochastic" else {}
-  return sampling.get_sampler(name, tables, model_output=model_output(config),
+  return sampling.get_sampler(name, tables,
+                              model_output="x0" if for_x0_model else model_output(config),
                               model_var=d.model_var,
                               num_steps=steps, eta=s.eta if name == "ddim" else 0.0,
-                              grid=s.grid, clip_x0=d.clip_x0, trajectory_every=trajectory_every,
+                              grid=s.grid, clip_x0=d.clip_x0 and not for_x0_model,
+                              trajectory_every=trajectory_every,
                               **edm)
 
 

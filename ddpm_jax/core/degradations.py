@@ -28,6 +28,7 @@ The identities A A^+ A = A, <A x, y> = <x, A^T y> and pinv_reg's closed form are
 from collections.abc import Callable
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -82,6 +83,14 @@ def super_resolution(factor: int) -> Operator:
     return At(v) * _safe_inv(1.0 / (f * f), _eps(eps, v.ndim))
 
   return Operator(f"sr{f}", A, At, pinv_reg, lambda s: (s[0], s[1] // f, s[2] // f, s[3]))
+
+
+def upsample_bilinear(y, factor: int):
+  """[B, h, w, C] -> [B, f h, f w, C] by bilinear interpolation (half-pixel centres, edges
+  clamped): the plain super-resolution baseline, and what a super-resolution stage sees of its
+  low-resolution input (SR3, Saharia et al. 2021)."""
+  b, h, w, c = y.shape
+  return jax.image.resize(y, (b, h * factor, w * factor, c), "bilinear")
 
 
 def colourise(channels: int) -> Operator:

@@ -1,4 +1,4 @@
-"""`--mode=sample`, `--mode=eval` and `--mode=edit`: the drivers that load a checkpoint and run.
+"""`--mode=sample|eval|edit|restore|cascade`: the drivers that load a checkpoint and run.
 
 Each validates the config once (`validation.validate`), restores only the params, and draws
 through the sampling service (`generation`); the metrics report is `quality`.
@@ -12,17 +12,20 @@ rows are input | mask (known pixels shown, unknown grey) | output:
       --config.edit.task=inpaint --config.edit.input=inputs.npz --config.edit.mask=left_half
 """
 
+import json
 import os
 from typing import NamedTuple
 
 from absl import logging
 from etils import epath
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
 from ddpm_jax.config import factories
 from ddpm_jax.config import validation
+from ddpm_jax.core import degradations
 from ddpm_jax.evaluation import autoguidance
 from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.evaluation import generation
@@ -33,6 +36,7 @@ from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.sampling import editing
+from ddpm_jax.sampling import restoration
 
 
 class Loaded(NamedTuple):
@@ -98,14 +102,22 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
   On several processes each writes `..._process<k>of<P>.npz` with its own samples and their
   indices (`index`) in the global order: no host holds every sample.
   """
-  run = load(config, workdir, validation.validate(config, mode="sample"))
-  s = config.sampling
+  parts = validation.validate(config, mode="sample")
+  s, d = config.sampling, config.data
+  num_samples, low_res = s.num_samples, None
+  if config.model.sr_factor > 0:  # read and checked before anything compiles
+    h = d.image_size // config.model.sr_factor
+    low_res = load_inputs(s.low_res_input, h, d.num_channels, s.num_samples,
+                          field="sampling.low_res_input")
+    num_samples = len(low_res)
+  run = load(config, workdir, parts)
   traj_sampler = factories.sampler_from_config(config, run.parts.tables,
                                                trajectory_every=s.trajectory_every)
   traj_fn = generation.make_sample_fn(config, run.parts.model, run.parts.tables, run.mesh,
                                       traj_sampler, classifier=run.classifier, guide=_guide(run))
   samples, index, traj = generation.draw_local_samples(
-      config, sample_fn(config, run), run.params, s.num_samples, first_batch_fn=traj_fn)
+      config, sample_fn(config, run), run.params, num_samples, first_batch_fn=traj_fn,
+      low_res=low_res)
   label = factories.sampler_label(config)
   if config.model.num_classes > 0:  # e.g. ddim_50_class3_w1.0 (class -1: all)
     label += f"_class{s.class_label}_w{s.guidance_scale}"
@@ -135,19 +147,27 @@ def sample(config: ml_collections.ConfigDict, workdir: str) -> str:
 def evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """`--mode=eval`: loads the newest checkpoint and runs `quality_report` on it."""
   run = load(config, workdir, validation.validate(config, mode="eval"))
+  # A super-resolution stage is scored on its upsampling of held-out low-resolution images.
+  fn = sample_fn(config, run, low_res_bank=generation.low_res_bank(config))
   return quality.quality_report(config, workdir, run.params, run.mesh, run.parts.model,
-                                run.parts.tables, run.step, sample_fn=sample_fn(config, run))
+                                run.parts.tables, run.step, sample_fn=fn)
 
 
-def load_inputs(path: str, size: int, channels: int, limit: int) -> np.ndarray:
-  """Input images as float32 [N, H, W, C] in [-1, 1]; fails naming the expected shape."""
+def load_inputs(path: str, size: int, channels: int, limit: int, field: str = "edit.input",
+                height: int | None = None) -> np.ndarray:
+  """Input images as float32 [N, H, W, C] in [-1, 1]; fails naming the expected shape.
+
+  `field` names the config field in errors; `height` (default `size`) for non-square inputs.
+  """
+  height = size if height is None else height
   if not path:
-    raise ValueError("--mode=edit needs --config.edit.input: an .npz of images or a PNG folder.")
+    mode = field.split(".")[0]
+    raise ValueError(f"--mode={mode} needs --config.{field}: an .npz of images or a PNG folder.")
   if os.path.isdir(path):
     from PIL import Image  # pylint: disable=g-import-not-at-top
     names = sorted(n for n in os.listdir(path) if n.lower().endswith(".png"))
     if not names:
-      raise ValueError(f"edit.input={path} holds no .png files.")
+      raise ValueError(f"{field}={path} holds no .png files.")
     arrays = []
     for n in names[:limit]:
       with Image.open(os.path.join(path, n)) as img:
@@ -160,12 +180,12 @@ def load_inputs(path: str, size: int, channels: int, limit: int) -> np.ndarray:
         raise ValueError(f"{path} has arrays {f.files}; name the images 'images'.")
       x = f[key or f.files[0]][:limit]
   else:
-    raise ValueError(f"edit.input={path} is neither an .npz file nor a folder of PNGs.")
+    raise ValueError(f"{field}={path} is neither an .npz file nor a folder of PNGs.")
   if x.ndim == 3:
     x = x[..., None]
-  if x.shape[1:] != (size, size, channels):
-    raise ValueError(f"edit.input images are {x.shape[1:]} but the model takes "
-                     f"({size}, {size}, {channels}) (data.image_size, data.num_channels).")
+  if x.shape[1:] != (height, size, channels):
+    raise ValueError(f"{field} images are {x.shape[1:]} but {height, size, channels} are needed "
+                     "(data.image_size, data.num_channels, and the task's measurement shape).")
   x = x.astype(np.float32)
   return x / 127.5 - 1.0 if x.max() > 1.0 else x
 
@@ -214,3 +234,147 @@ def edit(config: ml_collections.ConfigDict, workdir: str) -> str:
                     scale=max(1, 128 // d.image_size))
   logging.info("Wrote %d edited images (%s) to %s.", n, e.task, stem.with_suffix(".npz"))
   return str(stem.with_suffix(".npz"))
+
+
+def restore_operator(config: ml_collections.ConfigDict) -> degradations.Operator:
+  """The degradation of `restore.task` (and `restore.mask`) for the model's images."""
+  d, r = config.data, config.restore
+  mask = editing.make_mask(r.mask, d.image_size, d.image_size) if r.task == "inpaint" else None
+  return degradations.make(r.task, d.image_size, d.num_channels, mask)
+
+
+def measure(config: ml_collections.ConfigDict, op: degradations.Operator, truth) -> np.ndarray:
+  """y = A x + sigma_y n of `--mode=restore`, the noise drawn from sampling.seed at y's shape."""
+  key = jax.random.fold_in(jax.random.PRNGKey(config.sampling.seed), 0x5E5)
+  return np.asarray(restoration.measure(op, jnp.asarray(truth), float(config.restore.sigma_y),
+                                        key))
+
+
+def shown_measurement(op: degradations.Operator, y: np.ndarray, shape) -> np.ndarray:
+  """The measurement as an image of the model's shape: y itself where it has that shape (blur,
+  inpainting, denoising), its channel broadcast (colourise), else A^+ y (super-resolution:
+  nearest-neighbour upsampling)."""
+  if y.shape == shape:
+    return y
+  if y.shape[:-1] == shape[:-1]:
+    return np.broadcast_to(y, shape)
+  return np.asarray(op.pinv(y))
+
+
+def restore(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`--mode=restore`: the zero-shot solver of `restore.method` on the newest checkpoint.
+
+  The input is the truth (measured here: y = A x + sigma_y n, with the noise drawn from
+  sampling.seed) or the measurement itself; both are read and checked before anything compiles.
+  Writes `<workdir>/restorations/<task>_<method>_sy<sigma_y>_<sampler>_step<k>`: `.npz`
+  (truth when given, measurement y as float32, output as uint8, and the solver's unclipped
+  output_float), `.png` (rows of
+  truth | measurement | restoration, or measurement | restoration) and `.json` (the metrics: PSNR
+  and SSIM against the truth, and the consistency ||A x^ - y|| / ||y||, per image and mean).
+  Returns the metrics.
+  """
+  parts = validation.validate(config, mode="restore")
+  d, r = config.data, config.restore
+  size, channels = d.image_size, d.num_channels
+  op = restore_operator(config)
+  if r.input_kind == "truth":
+    truth = load_inputs(r.input, size, channels, r.num_images, field="restore.input")
+    y = measure(config, op, truth)
+  else:
+    y_shape = op.y_shape((1, size, size, channels))[1:]
+    truth = None
+    y = load_inputs(r.input, y_shape[1], y_shape[2], r.num_images, field="restore.input",
+                    height=y_shape[0])
+  run = load(config, workdir, parts)
+  tables, sampler, dv = run.parts.tables, run.parts.sample_fn, config.diffusion
+  n = y.shape[0]
+  # The service pads the batch to a multiple of the device count; the measurements alike.
+  padded = -(-n // jax.device_count()) * jax.device_count()
+  y_padded = np.concatenate([y, np.repeat(y[-1:], padded - n, axis=0)])
+
+  def restore_fn(model_fn, rng, shape):
+    return restoration.restore(sampler, model_fn, tables, rng, op, y_padded, shape,
+                               method=r.method, sigma_y=float(r.sigma_y),
+                               model_output=factories.model_output(config),
+                               model_var=dv.model_var, clip_x0=dv.clip_x0,
+                               sigma_data=float(r.sigma_data))
+
+  fn = generation.make_sample_fn(config, run.parts.model, tables, run.mesh, restore_fn,
+                                 classifier=run.classifier, guide=_guide(run))
+  raw, _ = fn(run.params, jax.random.PRNGKey(config.sampling.seed), n)
+  out = np.clip(raw, -1.0, 1.0)  # the images; the solver's own output is kept as output_float
+  from ddpm_jax.metrics import restoration as restoration_metrics  # TODO(top-level)
+  metrics = {"consistency": restoration_metrics.consistency(np.asarray(op.A(out)), y)}
+  if truth is not None:
+    metrics["psnr"] = restoration_metrics.psnr(out, truth)
+    metrics["ssim"] = restoration_metrics.ssim(out, truth)
+  report = {k: float(np.mean(v)) for k, v in metrics.items()}
+  report.update({f"{k}_per_image": [float(u) for u in v] for k, v in metrics.items()})
+  name = (f"{r.task}_{r.method}_sy{float(r.sigma_y):g}_{factories.sampler_label(config)}"
+          f"_step{run.step}")
+  stem = epath.Path(workdir) / "restorations" / name
+  out_u8 = images.to_uint8(out)
+  shown = images.to_uint8(np.clip(shown_measurement(op, y, out.shape), -1.0, 1.0))
+  if jax.process_index() == 0:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    arrays = dict(measurement=y.astype(np.float32), output=out_u8,
+                  output_float=np.asarray(raw, np.float32))
+    if truth is not None:
+      arrays["truth"] = images.to_uint8(truth)
+    with (stem.parent / f"{name}.npz").open("wb") as f:  # not with_suffix: "sy0.05" has a dot
+      np.savez_compressed(f, **arrays)
+    cols = ([arrays["truth"]] if truth is not None else []) + [shown, out_u8]
+    rows = np.stack(cols, axis=1).reshape((-1,) + out_u8.shape[1:])
+    images.save_png(stem.parent / f"{name}.png", images.make_grid(rows, ncol=len(cols)),
+                    scale=max(1, 128 // size))
+    (stem.parent / f"{name}.json").write_text(json.dumps(report, indent=1))
+  summary = ", ".join(f"{k} {report[k]:.4g}" for k in ("psnr", "ssim", "consistency")
+                      if k in report)
+  logging.info("Restored %d images (%s, %s, sigma_y=%g): %s. Wrote %s.npz/.png/.json.", n,
+               r.task, r.method, float(r.sigma_y), summary, stem)
+  return report
+
+
+def cascade(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """`--mode=cascade`: samples the base run of `cascade.base_workdir` (with its own config.json,
+  and this config's sampling.num_samples, batch_size and seed), then this super-resolution stage
+  on those samples (cascaded diffusion, Ho et al. 2022). Both configs are checked, and the base's
+  image shape against this stage's input, before anything compiles.
+
+  Writes `<workdir>/cascade/<sampler>_<steps>_step<k>.npz` (base: the base samples, samples: the
+  upsampled ones, uint8) and a PNG grid of base (nearest-neighbour) | super-resolved pairs.
+  """
+  parts = validation.validate(config, mode="cascade")
+  base_dir = str(config.cascade.base_workdir)
+  base_config = run_config.load(base_dir)
+  if base_config is None:
+    raise ValueError(f"cascade.base_workdir={base_dir}: no config.json there (not a ddpm_jax run).")
+  d, bd, f = config.data, base_config.data, int(config.model.sr_factor)
+  if (bd.image_size * f, bd.num_channels) != (d.image_size, d.num_channels):
+    raise ValueError(f"The base run makes {bd.image_size}x{bd.image_size}x{bd.num_channels} "
+                     f"images; this stage (x{f}) takes {d.image_size // f}x{d.image_size // f}x"
+                     f"{d.num_channels}.")
+  with base_config.unlocked():
+    for key in ("num_samples", "batch_size", "seed"):
+      base_config.sampling[key] = config.sampling[key]
+  base_parts = validation.validate(base_config, mode="sample", open_data=False)
+  base_run = load(base_config, base_dir, base_parts)
+  run = load(config, workdir, parts)
+  n = config.sampling.num_samples
+  base, _ = generation.draw_samples(base_config, sample_fn(base_config, base_run),
+                                    base_run.params, n)
+  low_res = base.astype(np.float32) / 127.5 - 1.0
+  samples, _ = generation.draw_samples(config, sample_fn(config, run), run.params, n,
+                                       low_res=low_res)
+  stem = epath.Path(workdir) / "cascade" / f"{factories.sampler_label(config)}_step{run.step}"
+  if jax.process_index() == 0:
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    with (stem.parent / f"{stem.name}.npz").open("wb") as fh:
+      np.savez_compressed(fh, base=base, samples=samples)
+    up = np.repeat(np.repeat(base[:50], f, axis=1), f, axis=2)
+    rows = np.stack([up, samples[:50]], axis=1).reshape((-1,) + samples.shape[1:])
+    images.save_png(stem.parent / f"{stem.name}.png", images.make_grid(rows, ncol=10),
+                    scale=max(1, 128 // d.image_size))
+  logging.info("Cascade: %d base samples (%s, step %d) upsampled x%d by step %d. Wrote %s.npz.",
+               n, base_dir, base_run.step, f, run.step, stem)
+  return str(stem.parent / f"{stem.name}.npz")

@@ -51,6 +51,11 @@ class UNet(nn.Module):
       (index K) being the null class of classifier-free guidance (Ho & Salimans 2022). As in
       Improved DDPM / ADM (Dhariwal & Nichol 2021) it is added to the timestep embedding:
       temb = MLP(sinusoidal(t)) + Embed(y).
+    cond_channels: 0 for an unconditional model; C > 0 makes it a super-resolution stage
+      (SR3, Saharia et al. 2021; cascaded diffusion, Ho et al. 2022): the input is
+      concat(x_t, cond), cond being the bilinearly upsampled low-resolution image [B, H, W, C],
+      and the conditioning-augmentation level of cond (the std of the Gaussian noise added to
+      it) is embedded like t and added to temb: temb += Dense(sinusoidal(1000 level)).
   """
 
   ch: int
@@ -63,10 +68,12 @@ class UNet(nn.Module):
   num_groups: int = 32
   dtype: jnp.dtype = jnp.float32
   num_classes: int = 0
+  cond_channels: int = 0
 
   @nn.compact
   def __call__(self, x: jax.Array, t: jax.Array, y: jax.Array | None = None, *,
-               train: bool) -> jax.Array:
+               train: bool, cond: jax.Array | None = None,
+               cond_level: jax.Array | None = None) -> jax.Array:
     """Predicts the model output (e.g. eps) for noisy images at timesteps t.
 
     Args:
@@ -76,6 +83,9 @@ class UNet(nn.Module):
       y: Class labels int [B] in [0, num_classes], num_classes being the null class; None
         means the null class. Must be None for an unconditional model.
       train: Enables dropout, which then needs the 'dropout' rng collection.
+      cond, cond_level: a super-resolution stage's upsampled low-resolution image
+        [B, H, W, cond_channels] and its augmentation level [B] (scalar broadcast; None = 0).
+        Required when cond_channels > 0 (zeros while initialising), else must be None.
 
     Returns:
       float32 array of shape [B, H, W, out_channels].
@@ -101,6 +111,21 @@ class UNet(nn.Module):
                              name="class_emb")(y).astype(temb.dtype)
     elif y is not None:
       raise ValueError("class labels given to an unconditional U-Net (model.num_classes = 0)")
+    if self.cond_channels > 0:
+      if cond is None:
+        if not self.is_initializing():
+          raise ValueError("this super-resolution U-Net needs its low-resolution input (cond)")
+        cond = jnp.zeros(x.shape[:3] + (self.cond_channels,), x.dtype)
+      if cond.shape != x.shape[:3] + (self.cond_channels,):
+        raise ValueError(f"cond must be {x.shape[:3] + (self.cond_channels,)}, got {cond.shape}")
+      level = jnp.zeros((x.shape[0],)) if cond_level is None else cond_level
+      level = jnp.broadcast_to(jnp.asarray(level, jnp.float32), (x.shape[0],))
+      lemb = layers.timestep_embedding(1000.0 * level, self.ch)
+      temb = temb + dense(4 * self.ch, name="cond_level_dense")(lemb).astype(temb.dtype)
+      x = jnp.concatenate([x, cond.astype(x.dtype)], axis=-1)
+    elif cond is not None:
+      raise ValueError("a low-resolution input given to a U-Net that is not a super-resolution "
+                       "stage (model.sr_factor = 0)")
 
     # Downsampling path: every intermediate activation becomes a skip connection.
     hs = [layers.Conv(self.ch, dtype=self.dtype, name="conv_in")(x)]

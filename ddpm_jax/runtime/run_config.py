@@ -53,7 +53,12 @@ _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "diffusion.flow_t_mean": 0.0, "diffusion.flow_t_std": 1.0,
                  "training.phema_sigma_rels": [], "training.phema_snapshot_every": 0,
                  "sampling.guide_workdir": "", "sampling.guide_step": -1,
-                 "sampling.autoguidance_scale": 0.0}
+                 "sampling.autoguidance_scale": 0.0, "model.sr_factor": 0,
+                 "training.cond_aug_max": 0.0, "sampling.low_res_input": "",
+                 "sampling.cond_aug": 0.0, "restore.task": "sr2", "restore.method": "ddnm",
+                 "restore.sigma_y": 0.0, "restore.input": "", "restore.input_kind": "truth",
+                 "restore.mask": "random_half", "restore.sigma_data": 1.0,
+                 "restore.num_images": 16, "cascade.base_workdir": ""}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
@@ -92,6 +97,8 @@ def load(workdir: str) -> ml_collections.ConfigDict | None:
   config = ml_collections.ConfigDict(json.loads(path.read_text()))
   for key, value in _ADDED_FIELDS.items():
     section, name = key.split(".")
+    if section not in config:
+      config[section] = ml_collections.ConfigDict()
     if name not in config[section]:
       config[section][name] = value
   return config

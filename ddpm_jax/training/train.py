@@ -175,9 +175,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   generative = config.training.objective == "diffusion"
   if generative:
     classifier = classifier_guidance.load(parts.classifier, mesh, config.sampling.use_ema)
+    bank = generation.low_res_bank(config)  # a super-resolution stage's held-out inputs
     grid_sampler = generation.make_sample_fn(
         config, model, tables, mesh, parts.grid_sample_fn,
-        classifier=classifier, sampler_name="ddim")
+        classifier=classifier, sampler_name="ddim", low_res_bank=bank)
   writer = logging_lib.MetricWriter(workdir, first_step=step)
   progress = logging_lib.Progress(step, tc.num_train_steps)
   local_devices = jax.local_device_count()
@@ -244,7 +245,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     report["eval"] = quality.quality_report(
         config, workdir, state.ema_params, mesh, model, tables, step,
         sample_fn=generation.make_sample_fn(config, model, tables, mesh, parts.sample_fn,
-                                            classifier=classifier),
+                                            classifier=classifier, low_res_bank=bank),
         metrics=tc.final_eval_metrics)
   writer.close()
   return report

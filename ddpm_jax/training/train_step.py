@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 import optax
 
+from ddpm_jax.core import degradations
 from ddpm_jax.core import losses
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.runtime.mesh import AXIS
@@ -38,6 +39,7 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
                     t_sampling: str, ema_decay: float, learning_rate: optax.Schedule,
                     mesh: Mesh, skip_nonfinite: bool = False, num_classes: int = 0,
                     p_uncond: float = 0.0, labels_to_loss: bool = False,
+                    sr_factor: int = 0, cond_aug_max: float = 0.0,
                     draw_level: Callable | None = None) -> Callable:
   """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
@@ -60,6 +62,10 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     p_uncond: the label-drop probability.
     labels_to_loss: the loss, not the model, takes the labels: `loss_fn(model_fn, x0, t, noise,
       batch['label'])` (the noise-conditional classifier, `losses.get_classifier_loss_fn`).
+    sr_factor, cond_aug_max: a super-resolution stage (f > 0) sees each example's x f average
+      pooled image plus Gaussian noise of std a ~ U[0, cond_aug_max], bilinearly upsampled,
+      with the level a (conditioning augmentation, Ho et al. 2022, sec. 3.2); a and the noise
+      come from two more keys of the example (fold_in 3 and 4).
     draw_level: `draw_level(key) -> (level, weight)`, the continuous noise level of an EDM
       (sigma) or flow-matching (t) example (`losses.noise_level_sampler`); None draws DDPM's
       integer t with `t_sampling`.
@@ -93,12 +99,15 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       # A third key per example (fold_in, so t and the noise are those of an unconditional run).
       drop = jax.vmap(lambda k: jax.random.bernoulli(jax.random.fold_in(k, 2), p_uncond))(keys)
       y = jnp.where(drop, num_classes, batch["label"].astype(jnp.int32))
+    sr = {}
+    if sr_factor > 0:
+      sr = sr_condition(x0, keys, sr_factor, cond_aug_max)
 
     def objective(params):
       def model_fn(x_t, t_):
         # y only for a conditional model: the classifier's apply takes (x_t, t) alone.
         return apply_fn({"params": params}, x_t, t_, *(() if y is None else (y,)), train=True,
-                        rngs={"dropout": dropout_rng})
+                        rngs={"dropout": dropout_rng}, **sr)
       labels = (batch["label"],) if labels_to_loss else ()
       per_example, aux = loss_fn(model_fn, x0, t, noise, *labels)
       local_mean = jnp.mean(weights * per_example)
@@ -146,6 +155,17 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
   return jax.jit(sharded, donate_argnums=0)
 
 
+def sr_condition(x0, keys, factor: int, aug_max: float) -> dict:
+  """A super-resolution stage's inputs for images x0 [B, H, W, C] and per-example keys [B]:
+  {'cond': upsample(pool(x0) + a n), 'cond_level': a}, a ~ U[0, aug_max], n ~ N(0, I)."""
+  low = degradations.super_resolution(factor).A(x0)
+  level = aug_max * jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 3)))(keys)
+  noise = jax.vmap(lambda k, v: jax.random.normal(jax.random.fold_in(k, 4), v.shape, v.dtype))(
+      keys, low)
+  low = low + level[:, None, None, None].astype(low.dtype) * noise
+  return {"cond": degradations.upsample_bilinear(low, factor), "cond_level": level}
+
+
 def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
   """The jitted data-parallel train step of a validated config (see `make_train_step`)."""
   classifier = config.training.objective == "classifier"
@@ -157,6 +177,8 @@ def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
       # The classifier's labels are its targets, not a model input.
       num_classes=0 if classifier else config.model.num_classes,
       p_uncond=config.training.p_uncond, labels_to_loss=classifier,
+      sr_factor=0 if classifier else config.model.get("sr_factor", 0),
+      cond_aug_max=float(config.training.get("cond_aug_max", 0.0)),
       draw_level=_level_sampler(config.diffusion))
 
 
