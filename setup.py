@@ -42,7 +42,9 @@ setuptools.setup(
                  # The reference for the importer and exporter (tests/interop_test.py): diffusers'
                  # UNet2DModel and schedulers in PyTorch. torch 2.13.0's CPU wheel (pip takes it
                  # from this machine's disk).
-                 "torch==2.13.0", "diffusers==0.42.1"],
+                 "torch==2.13.0", "diffusers==0.42.1",
+                 # The reference for SSIM in tests/restoration_metrics_test.py (scikit-image).
+                 "scikit-image==0.26.0"],
         # JAX for the accelerator (the plain `jax` package runs on the CPU only), at the version
         # of install_requires that this project is tested with: every worker of a TPU VM or pod
         # slice needs [tpu], an NVIDIA GPU machine [cuda12] (CUDA 12 wheels, driver >= 525).

@@ -31,6 +31,7 @@ from ddpm_jax.evaluation import classifier_guidance
 from ddpm_jax.evaluation import generation
 from ddpm_jax.evaluation import images
 from ddpm_jax.evaluation import quality
+from ddpm_jax.metrics import restoration as restoration_metrics
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
@@ -186,8 +187,10 @@ def load_inputs(path: str, size: int, channels: int, limit: int, field: str = "e
   if x.shape[1:] != (height, size, channels):
     raise ValueError(f"{field} images are {x.shape[1:]} but {height, size, channels} are needed "
                      "(data.image_size, data.num_channels, and the task's measurement shape).")
-  x = x.astype(np.float32)
-  return x / 127.5 - 1.0 if x.max() > 1.0 else x
+  # Integers are [0, 255] pixels; floats are taken as [-1, 1] (a noisy measurement may exceed it).
+  if np.issubdtype(x.dtype, np.integer):
+    return x.astype(np.float32) / 127.5 - 1.0
+  return x.astype(np.float32)
 
 
 def edit(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -303,7 +306,6 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  classifier=run.classifier, guide=_guide(run))
   raw, _ = fn(run.params, jax.random.PRNGKey(config.sampling.seed), n)
   out = np.clip(raw, -1.0, 1.0)  # the images; the solver's own output is kept as output_float
-  from ddpm_jax.metrics import restoration as restoration_metrics  # TODO(top-level)
   metrics = {"consistency": restoration_metrics.consistency(np.asarray(op.A(out)), y)}
   if truth is not None:
     metrics["psnr"] = restoration_metrics.psnr(out, truth)
