@@ -154,8 +154,9 @@ def low_res_bank(config, limit: int = 256) -> np.ndarray | None:
   return np.asarray(degradations.super_resolution(f).A(batch["image"][batch["mask"]]))
 
 
-def _low_res_rows(low_res, start: int, n: int):
-  return None if low_res is None else low_res[start:start + n]
+def _low_res_rows(low_res, start: int, n: int) -> tuple:
+  """The extra argument of a super-resolution stage's batch; none for any other sampler."""
+  return () if low_res is None else (low_res[start:start + n],)
 
 
 def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=None,
@@ -173,7 +174,7 @@ def draw_samples(config, sample_fn, params, num_samples: int, first_batch_fn=Non
     n = min(config.sampling.batch_size, num_samples - i * config.sampling.batch_size)
     fn = first_batch_fn if (i == 0 and first_batch_fn is not None) else sample_fn
     x0, t = fn(params, jax.random.fold_in(rng, i), n,
-               _low_res_rows(low_res, i * config.sampling.batch_size, n))
+               *_low_res_rows(low_res, i * config.sampling.batch_size, n))
     out.append(images.to_uint8(x0))
     traj = t if i == 0 else traj
   return np.concatenate(out), traj
@@ -195,7 +196,7 @@ def draw_local_samples(config, sample_fn, params, num_samples: int, first_batch_
     n = min(batch, num_samples - i * batch)
     fn = first_batch_fn if (i == 0 and first_batch_fn is not None) else sample_fn
     x0, idx, t = fn.local(params, jax.random.fold_in(rng, i), n,
-                          _low_res_rows(low_res, i * batch, n))
+                          *_low_res_rows(low_res, i * batch, n))
     out.append(images.to_uint8(x0))
     index.append(i * batch + idx)
     traj = t if i == 0 else traj
