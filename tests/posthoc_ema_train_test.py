@@ -64,13 +64,14 @@ def _flat(tree) -> np.ndarray:
 def test_phema_is_the_power_ema_of_each_steps_params_on_one_and_four_devices():
   """After steps 1..3, each tracked EMA is sum_tau w_tau theta_tau with EDM2's weights
   (recomputed in float64 from the params of every step); at step 1 it is the params exactly.
-  1 and 4 devices agree to the tolerance of train_test's 1-vs-N test."""
+  On 1 and 4 devices the EMAs differ by no more than the params they average do."""
   config = tiny_config(**PHEMA, **{"optim.warmup_steps": 0})  # every step moves the params
   gammas = [posthoc_ema.gamma_from_sigma_rel(s) for s in SIGMA_RELS]
   data = input_pipeline.create_train_iterator(config)
   images = [next(data)["image"] for _ in range(3)]
   model = factories.create_model(config)
   loss_fn = factories.loss_fn_from_config(config, factories.tables_from_config(config))
+  weights = {}  # (t, i) -> w_tau for tau = 1..t
   runs = {}
   for num_devices in (1, NUM_DEVICES):
     mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
@@ -95,16 +96,28 @@ def test_phema_is_the_power_ema_of_each_steps_params_on_one_and_four_devices():
       for i, g in enumerate(gammas):
         tau = np.arange(1, t + 1, dtype=np.float64)
         w = (tau ** (g + 1) - (tau - 1) ** (g + 1)) / t ** (g + 1)
+        weights[t, i] = w
         expected = (w[:, None] * np.stack(thetas[:t])).sum(0)
         np.testing.assert_allclose(phemas[t - 1][i], expected, rtol=1e-5, atol=1e-6,
                                    err_msg=f"step {t}, sigma_rel {SIGMA_RELS[i]}")
-  (_, phemas_1), (thetas_n, phemas_n) = runs[1], runs[NUM_DEVICES]
+  (thetas_1, phemas_1), (thetas_n, phemas_n) = runs[1], runs[NUM_DEVICES]
   assert np.max(np.abs(thetas_n[-1] - thetas_n[0])) > 1e-4  # the params moved
-  schedule = train_state_lib.learning_rate_schedule(config.optim)
-  params_atol = 0.01 * sum(float(schedule(i)) for i in range(len(images)))
-  for step_1, step_n in zip(phemas_1, phemas_n):
-    for a, b in zip(step_1, step_n):
-      np.testing.assert_allclose(b, a, rtol=1e-5, atol=params_atol)
+  # The params themselves agree across device counts only up to Adam's amplified rounding
+  # (train_test.py checks them, at a small learning rate): the biases of the last residual block
+  # feed a GroupNorm with one channel per group, so their gradient is zero in exact arithmetic
+  # and Adam turns its rounding noise into steps of up to lr (3.6e-5 at lr 1e-3 here). An EMA is
+  # a convex combination of the params, so it must add no disagreement of its own: each entry's
+  # 1-vs-N difference is at most the w-weighted params' difference, plus float32 rounding.
+  param_diffs = np.abs(np.stack(thetas_n) - np.stack(thetas_1))
+  for t in range(1, len(images) + 1):
+    for i in range(len(SIGMA_RELS)):
+      bound = (weights[t, i][:, None] * param_diffs[:t]).sum(0)
+      a, b = phemas_1[t - 1][i], phemas_n[t - 1][i]
+      excess = np.abs(b - a) - bound - (1e-6 + 1e-5 * np.abs(a))
+      assert np.max(excess) <= 0, (
+          f"step {t}, sigma_rel {SIGMA_RELS[i]}: the EMAs differ by "
+          f"{np.max(np.abs(b - a)):.3g}, more than their params do, at {np.sum(excess > 0)} "
+          "entries")
 
 
 def test_snapshots_are_written_at_their_steps_and_read_back_as_the_state_held_them(reference):
