@@ -12,7 +12,7 @@ import pytest
 
 from ddpm_jax import models
 from ddpm_jax import sampling
-from ddpm_jax.config import validation
+from ddpm_jax.config import validation_tasks
 from ddpm_jax.core import schedules
 from ddpm_jax.evaluation import drivers
 from ddpm_jax.sampling import editing
@@ -109,10 +109,10 @@ def test_bad_edit_input_fails_naming_what_was_expected(tmp_path):
     drivers.load_inputs(str(tmp_path / "x.npz"), 8, 1, 4)
   config = helpers.tiny_config("digits", **{"edit.task": "sdedit", "edit.t0": 20})
   with pytest.raises(ValueError, match=r"\[0, 19\]"):
-    validation.check_edit(config)
+    validation_tasks.check_edit(config)
   config = helpers.tiny_config("digits", **{"edit.class_label": 3})
   with pytest.raises(ValueError, match="unconditional"):
-    validation.check_edit(config)
+    validation_tasks.check_edit(config)
 
 
 @pytest.mark.slow

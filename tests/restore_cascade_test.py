@@ -27,7 +27,10 @@ COMMON = {"training.num_train_steps": STEPS, "training.checkpoint_every": STEPS,
           "sampling.sampler": "ddim", "sampling.num_steps": 4, "sampling.batch_size": 8,
           "sampling.num_samples": N, "restore.num_images": N}
 BASE4 = {**COMMON, "data.image_size": 4}
-SR = {**COMMON, "model.sr_factor": 2, "training.cond_aug_max": 0.2, "sampling.cond_aug": 0.05}
+# A few large steps, so that the stage's output reads its low-resolution input at uint8 precision
+# (4 small warmup steps leave the near-zero output conv deaf to it).
+SR = {**COMMON, "model.sr_factor": 2, "training.cond_aug_max": 0.2, "sampling.cond_aug": 0.05,
+      "optim.warmup_steps": 0, "optim.lr": 2e-2}
 
 
 def _config(**overrides):
@@ -175,67 +178,80 @@ def test_training_condition_is_the_pooled_image_plus_bounded_noise():
   assert 0.3 < np.median(ratio[keep]) < 1.0  # bilinear smoothing shrinks unit noise
 
 
-def test_cascade_upsamples_the_base_runs_samples(runs):
+def test_cascade_upsamples_the_base_runs_samples(runs, tmp_path):
   config = _config(**SR, **{"cascade.base_workdir": runs["base4"]})
   path = drivers.cascade(config, runs["sr"])
-  out = np.load(path)
+  out = {k: v.copy() for k, v in np.load(path).items()}
   assert out["base"].shape == (N, 4, 4, 1) and out["samples"].shape == (N, 8, 8, 1)
   assert os.path.exists(path[:-len(".npz")] + ".png")
-  # The base samples are those --mode=sample of the base run draws with the same seed.
+  # The base samples are those --mode=sample of the base run draws with the same seed, and the
+  # upsampled ones those --mode=sample of the stage draws from them, seed for seed.
   base_path = drivers.sample(_config(**BASE4), runs["base4"])
   np.testing.assert_array_equal(np.load(base_path)["samples"], out["base"])
+  np.savez(tmp_path / "base.npz", images=out["base"])
+  stage_path = drivers.sample(_config(**SR, **{"sampling.low_res_input":
+                                                  str(tmp_path / "base.npz")}), runs["sr"])
+  np.testing.assert_array_equal(np.load(stage_path)["samples"], out["samples"])
+  # ... and the stage reads that input: the negated base gives other samples.
+  np.savez(tmp_path / "negated.npz", images=255 - out["base"])
+  negated = drivers.sample(_config(**SR, **{"sampling.low_res_input":
+                                               str(tmp_path / "negated.npz")}), runs["sr"])
+  assert np.mean(np.load(negated)["samples"] != out["samples"]) > 0.05
 
 
 def _no_compiling(*args, **kwargs):
   raise AssertionError("compiled before the config was checked")
 
 
-@pytest.mark.parametrize("overrides, match", [
-    ({"data.image_size": 6, "restore.task": "sr4"}, "divisible by 4"),
-    ({"restore.task": "colourise"}, "one channel"),
-    ({"restore.sigma_y": -0.1}, ">= 0"),
-    ({"restore.method": "dps"}, "valid choices"),
-    ({"restore.task": "blur_box"}, "valid choices"),
-    ({"restore.task": "inpaint", "restore.mask": "diagonal"}, "one of"),
-    ({"restore.input_kind": "noisy"}, "valid choices"),
-])
-def test_bad_restore_config_fails_before_compiling(runs, monkeypatch, overrides, match):
+_WRONG_SIZE = "<an .npz of 8x8 images>"  # sr2's measurements and the SR stage's input are 4x4
+
+# case -> (driver, the run it reads, its flags, what the message says). The restore rows on the
+# plain run start from COMMON with runs["truth"] as restore.input; "<name>" stands for runs[name].
+_BAD_INPUTS = {
+    "restore: sr4 of 6x6": ("restore", "plain", {"data.image_size": 6, "restore.task": "sr4"},
+                            "divisible by 4"),
+    "restore: colourise grey": ("restore", "plain", {"restore.task": "colourise"}, "one channel"),
+    "restore: negative sigma_y": ("restore", "plain", {"restore.sigma_y": -0.1}, ">= 0"),
+    "restore: unknown method": ("restore", "plain", {"restore.method": "dps"}, "valid choices"),
+    "restore: unknown task": ("restore", "plain", {"restore.task": "blur_box"}, "valid choices"),
+    "restore: unknown mask": ("restore", "plain", {"restore.task": "inpaint",
+                                                   "restore.mask": "diagonal"}, "one of"),
+    "restore: unknown input_kind": ("restore", "plain", {"restore.input_kind": "noisy"},
+                                    "valid choices"),
+    "restore: no input": ("restore", "plain", {"restore.input": ""},
+                          "needs --config.restore.input"),
+    "restore: measurement of the wrong size": (
+        "restore", "plain", {"restore.input": _WRONG_SIZE, "restore.input_kind": "measurement"},
+        r"\(4, 4, 1\) are needed"),
+    "restore: an SR stage": ("restore", "sr", {**SR, "restore.input": "<truth>"},
+                             "takes an unconditional"),
+    "sample SR: no low-res input": ("sample", "sr", SR, "needs its low-resolution input"),
+    "sample SR: low-res input of the wrong size": (
+        "sample", "sr", {**SR, "sampling.low_res_input": _WRONG_SIZE}, r"\(4, 4, 1\) are needed"),
+    "sample SR: factor 3 of 8": ("sample", "sr", {**SR, "model.sr_factor": 3},
+                                 "divides data.image_size"),
+    "cascade: no base": ("cascade", "sr", SR, "needs --config.cascade.base_workdir"),
+    "cascade: not an SR stage": ("cascade", "plain", {**COMMON, "cascade.base_workdir": "<base4>"},
+                                 "super-resolution stage"),
+    # A base whose images are not the stage's input size (the 8x8 plain run, not the 4x4 base).
+    "cascade: base of the wrong size": ("cascade", "sr", {**SR, "cascade.base_workdir": "<plain>"},
+                                        "takes 4x4x1"),
+}
+
+
+@pytest.mark.parametrize("case", list(_BAD_INPUTS))
+def test_bad_restore_and_super_resolution_input_fails_before_compiling(runs, monkeypatch,
+                                                                       tmp_path, case):
+  driver, run, flags, match = _BAD_INPUTS[case]
   monkeypatch.setattr(jax, "jit", _no_compiling)
-  config = _config(**COMMON, **{"restore.input": runs["truth"]}, **overrides)
+  wrong_size = str(tmp_path / "wrong_size.npz")
+  np.savez(wrong_size, images=np.zeros((2, 8, 8, 1), np.uint8))
+  names = {_WRONG_SIZE: wrong_size, **{f"<{name}>": path for name, path in runs.items()}}
+  if driver == "restore" and run == "plain":
+    flags = {**COMMON, "restore.input": runs["truth"], **flags}
+  flags = {k: names.get(v, v) if isinstance(v, str) else v for k, v in flags.items()}
   with pytest.raises(ValueError, match=match):
-    drivers.restore(config, runs["plain"])
-
-
-def test_bad_restore_input_fails_before_compiling(runs, monkeypatch, tmp_path):
-  monkeypatch.setattr(jax, "jit", _no_compiling)
-  with pytest.raises(ValueError, match="needs --config.restore.input"):
-    drivers.restore(_config(**COMMON), runs["plain"])
-  np.savez(tmp_path / "y.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
-  config = _config(**COMMON, **{"restore.input": str(tmp_path / "y.npz"),
-                                "restore.input_kind": "measurement"})  # sr2's y is 4x4
-  with pytest.raises(ValueError, match=r"\(4, 4, 1\) are needed"):
-    drivers.restore(config, runs["plain"])
-
-
-def test_super_resolution_misuse_fails_before_compiling(runs, monkeypatch, tmp_path):
-  monkeypatch.setattr(jax, "jit", _no_compiling)
-  with pytest.raises(ValueError, match="needs its low-resolution input"):
-    drivers.sample(_config(**SR), runs["sr"])
-  np.savez(tmp_path / "low.npz", images=np.zeros((2, 8, 8, 1), np.uint8))
-  with pytest.raises(ValueError, match=r"\(4, 4, 1\) are needed"):
-    drivers.sample(_config(**SR, **{"sampling.low_res_input": str(tmp_path / "low.npz")}),
-                   runs["sr"])
-  with pytest.raises(ValueError, match="needs --config.cascade.base_workdir"):
-    drivers.cascade(_config(**SR), runs["sr"])
-  with pytest.raises(ValueError, match="super-resolution stage"):
-    drivers.cascade(_config(**COMMON, **{"cascade.base_workdir": runs["base4"]}), runs["plain"])
-  with pytest.raises(ValueError, match="takes an unconditional"):
-    drivers.restore(_config(**SR, **{"restore.input": runs["truth"]}), runs["sr"])
-  with pytest.raises(ValueError, match="divides data.image_size"):
-    drivers.sample(_config(**{**SR, "model.sr_factor": 3}), runs["sr"])
-  # A base whose images are not the stage's input size (the 8x8 plain run, not the 4x4 base).
-  with pytest.raises(ValueError, match="takes 4x4x1"):
-    drivers.cascade(_config(**SR, **{"cascade.base_workdir": runs["plain"]}), runs["sr"])
+    getattr(drivers, driver)(_config(**flags), runs[run])
 
 
 def test_upsample_bilinear_is_exact_on_ramps_away_from_the_edges():

@@ -2,7 +2,8 @@
 sample gets, and the guided `model_fn` a sampler calls.
 
 A model with `model.num_classes = K > 0` learns labels 0..K-1 plus the null class K (classifier-
-free guidance, Ho & Salimans 2022). The checks of these fields are in `validation`.
+free guidance, Ho & Salimans 2022). `check_class_label` checks a requested label; the other checks
+of these fields are in `validation`.
 """
 
 import numpy as np
@@ -14,6 +15,18 @@ from ddpm_jax.sampling import guidance
 
 def num_classes(config) -> int:
   return int(config.model.num_classes)
+
+
+def check_class_label(config, label: int, what: str = "sampling.class_label") -> None:
+  k = num_classes(config)
+  if k == 0:
+    if label != -1:
+      raise ValueError(f"{what}={label} asks for a class, but the model is unconditional "
+                       "(model.num_classes=0); leave it at -1.")
+    return
+  if not -1 <= label < k:
+    raise ValueError(f"{what}={label} is out of range: valid labels are 0..{k - 1}, or -1 for "
+                     "one of each class in turn.")
 
 
 def dataset_num_classes(config, source=None) -> int | None:

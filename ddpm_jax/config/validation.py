@@ -1,4 +1,5 @@
-"""The one validator: every rule on a config is checked here, once per run, before any compile.
+"""The one validator: every rule on a config is checked here, once per run, before any compile
+(the rules of the image tasks -- editing, restoration, super-resolution -- in `validation_tasks`).
 
 `validate(config, mode)` runs the checks that `mode` needs and returns the objects it built on the
 way (`factories.Components`): the drivers use exactly those, so nothing is built twice. Each rule
@@ -20,6 +21,7 @@ from ddpm_jax import models
 from ddpm_jax import sampling
 from ddpm_jax.config import conditioning
 from ddpm_jax.config import factories
+from ddpm_jax.config import validation_tasks
 from ddpm_jax.core import denoisers
 from ddpm_jax.core import diffusion
 from ddpm_jax.core import losses
@@ -33,8 +35,6 @@ from ddpm_jax.runtime import train_state as train_state_lib
 MODES = ("train", "sample", "eval", "edit", "restore", "cascade")
 EVAL_METRICS = ("bpd", "fid", "kid", "precision_recall", "digits_score")
 INCEPTION_METRICS = ("fid", "kid", "precision_recall")  # on the FID Inception's features
-EDIT_TASKS = ("inpaint", "sdedit")
-RESTORE_INPUT_KINDS = ("truth", "measurement")
 _check = diffusion.check_choice
 
 
@@ -67,9 +67,9 @@ def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = 
   # Building the loss and the sampler checks their combinations (e.g. mse with a learned
   # variance, more sampler steps than timesteps).
   loss_fn = factories.loss_fn_from_config(config, tables) if mode == "train" else None
-  check_super_resolution(config, mode)
+  validation_tasks.check_super_resolution(config, mode)
   if mode == "restore":
-    check_restore(config)  # before the sampler: the solvers need their own sampler
+    validation_tasks.check_restore(config)  # before the sampler: the solvers need their own sampler
   sample_fn = factories.sampler_from_config(config, tables, for_x0_model=mode == "restore") \
       if generative else None
   grid_sample_fn = None
@@ -91,7 +91,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = 
   if open_data and set(INCEPTION_METRICS) & set(metrics):
     check_inception_weights(config)  # now, not after hours of training
   if mode == "edit":
-    check_edit(config)
+    validation_tasks.check_edit(config)
   return factories.Components(tables, model, loss_fn, sample_fn, grid_sample_fn, classifier,
                               train_source, guide)
 
@@ -301,25 +301,13 @@ def check_init_from(config: ml_collections.ConfigDict, model, workdir: str | Non
                              hint=hint, step=step)
 
 
-def check_class_label(config, label: int, what: str = "sampling.class_label") -> None:
-  k = conditioning.num_classes(config)
-  if k == 0:
-    if label != -1:
-      raise ValueError(f"{what}={label} asks for a class, but the model is unconditional "
-                       "(model.num_classes=0); leave it at -1.")
-    return
-  if not -1 <= label < k:
-    raise ValueError(f"{what}={label} is out of range: valid labels are 0..{k - 1}, or -1 for "
-                     "one of each class in turn.")
-
-
 def check_guidance(config: ml_collections.ConfigDict) -> None:
   """Classifier-free guidance needs a conditional model, a scale >= 0 and a valid t interval."""
   s = config.sampling
   w = float(s.guidance_scale)
   if not (s.classifier_workdir and conditioning.num_classes(config) == 0):
     # Classifier guidance of an unconditional model checks the label against its classifier.
-    check_class_label(config, int(s.class_label))
+    conditioning.check_class_label(config, int(s.class_label))
   if w < 0:
     raise ValueError(f"sampling.guidance_scale must be >= 0, got {w}.")
   if w > 0 and conditioning.num_classes(config) == 0:
@@ -429,87 +417,6 @@ def check_inception_weights(config: ml_collections.ConfigDict) -> str:
         "--config.eval.inception_weights=inception_fid.npz. Or drop 'fid', 'kid' and "
         "'precision_recall' from --config.eval.metrics.")
   return path
-
-
-def check_edit(config: ml_collections.ConfigDict) -> None:
-  """--mode=edit: the task, its timestep and class, and RePaint's counts."""
-  e, t_last = config.edit, config.diffusion.num_timesteps - 1
-  if e.task not in EDIT_TASKS:
-    raise ValueError(f"Unknown edit.task {e.task!r}; valid choices: {list(EDIT_TASKS)}.")
-  if e.task == "sdedit" and not 0 <= e.t0 <= t_last:
-    raise ValueError(f"edit.t0={e.t0} is out of range: SDEdit noises to a timestep index in "
-                     f"[0, {t_last}] (diffusion.num_timesteps - 1).")
-  check_class_label(config, int(e.class_label), "edit.class_label")
-  if e.resample_jump < 0 or e.resample_count < 0:
-    raise ValueError("edit.resample_jump and edit.resample_count must be >= 0.")
-  if e.num_images <= 0:
-    raise ValueError(f"edit.num_images must be positive, got {e.num_images}.")
-
-
-def check_super_resolution(config: ml_collections.ConfigDict, mode: str) -> None:
-  """A super-resolution stage (model.sr_factor > 0): its factor against the image size, its
-  augmentation levels, what it cannot be combined with, and its input in each mode."""
-  f, d, s = int(config.model.get("sr_factor", 0)), config.data, config.sampling
-  if f < 0:
-    raise ValueError(f"model.sr_factor must be >= 0 (0 = not a super-resolution stage), got {f}.")
-  if f == 0:
-    if mode == "cascade":
-      raise ValueError("--mode=cascade runs a super-resolution stage (model.sr_factor > 0), e.g. "
-                       "--config=configs/digits_sr.py.")
-    return
-  if f == 1 or d.image_size % f:
-    raise ValueError(f"model.sr_factor={f}: use a factor >= 2 that divides data.image_size="
-                     f"{d.image_size}.")
-  for name, value in (("training.cond_aug_max", config.training.cond_aug_max),
-                      ("sampling.cond_aug", s.cond_aug)):
-    if not float(value) >= 0:
-      raise ValueError(f"{name} (a noise std) must be >= 0, got {value}.")
-  if config.training.objective != "diffusion":
-    raise ValueError("model.sr_factor applies to denoisers (training.objective=diffusion).")
-  for name, on in (("model.num_classes", config.model.num_classes > 0),
-                   ("sampling.classifier_workdir", bool(s.classifier_workdir)),
-                   ("sampling.guide_workdir", bool(s.guide_workdir))):
-    if on:
-      raise ValueError(f"A super-resolution stage (model.sr_factor={f}) does not take {name}; "
-                       "unset it.")
-  if mode == "eval" and "bpd" in config.eval.metrics or \
-     mode == "train" and "bpd" in config.training.final_eval_metrics:
-    raise ValueError("bits/dim of a super-resolution stage is not implemented (it would be "
-                     "conditional on the low-resolution input); drop 'bpd' from the metrics.")
-  if mode in ("edit", "restore"):
-    raise ValueError(f"--mode={mode} takes an unconditional or class-conditional model; this is "
-                     f"a super-resolution stage (model.sr_factor={f}): sample it with "
-                     "--config.sampling.low_res_input, or --mode=cascade.")
-  if mode == "sample" and not s.low_res_input:
-    h = d.image_size // f
-    raise ValueError(f"This super-resolution stage (model.sr_factor={f}) needs its low-resolution "
-                     f"input: --config.sampling.low_res_input=<.npz or PNG folder of {h}x{h} "
-                     "images>, or --mode=cascade with --config.cascade.base_workdir.")
-  if mode == "cascade" and not config.cascade.base_workdir:
-    raise ValueError("--mode=cascade needs --config.cascade.base_workdir: the run whose samples "
-                     "this stage upsamples.")
-
-
-def check_restore(config: ml_collections.ConfigDict) -> None:
-  """--mode=restore: the task against the model's image shape, the method, sigma_y, the mask."""
-  from ddpm_jax.core import degradations  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.sampling import editing  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.sampling import restoration  # pylint: disable=g-import-not-at-top
-  r, d = config.restore, config.data
-  if config.training.objective != "diffusion":
-    raise ValueError("--mode=restore needs a diffusion model (training.objective=diffusion).")
-  try:
-    degradations.check(r.task, d.image_size, d.num_channels)
-    restoration.check(r.method, float(r.sigma_y))
-  except ValueError as error:
-    raise ValueError(f"restore: {error}") from None
-  _check("restore.input_kind", r.input_kind, RESTORE_INPUT_KINDS)
-  if r.task == "inpaint":
-    editing.make_mask(r.mask, d.image_size, d.image_size)
-  if not float(r.sigma_data) > 0:
-    raise ValueError(f"restore.sigma_data must be positive, got {r.sigma_data}.")
-  if r.num_images <= 0:
-    raise ValueError(f"restore.num_images must be positive, got {r.num_images}.")
 
 
 MAX_PHEMA_SIGMA_RELS = 4  # each tracked EMA is one more copy of the params in the train state
