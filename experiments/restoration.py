@@ -77,9 +77,7 @@ def run(digits_dir: str, sr_dir: str, out: str) -> list[dict]:
       for method in METHODS:
         config.restore.method = method
         report = drivers.restore(config, digits_dir)
-        path = _newest(os.path.join(digits_dir, "restorations"),
-                       f"{task}_{method}_sy{sigma_y:g}_")
-        with np.load(path) as f:
+        with np.load(report["npz"]) as f:
           outputs[method] = f["output_float"]
         print(f"{task} sigma_y={sigma_y:g} {method}: PSNR {report['psnr']:.2f}", flush=True)
       if task == "sr2" and sr_dir:
@@ -99,11 +97,6 @@ def run(digits_dir: str, sr_dir: str, out: str) -> list[dict]:
   return rows
 
 
-def _newest(folder: str, prefix: str) -> str:
-  names = [n for n in os.listdir(folder) if n.startswith(prefix) and n.endswith(".npz")]
-  return os.path.join(folder, max(names, key=lambda n: os.path.getmtime(os.path.join(folder, n))))
-
-
 def _write(rows, shown, truth, out: str) -> None:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
@@ -121,29 +114,39 @@ def _write(rows, shown, truth, out: str) -> None:
                  f"{r['ssim']:.3f} | {r['consistency']:.3f} |")
   with open(os.path.join(out, f"{NAME}.md"), "w") as f:
     f.write("\n".join(lines) + "\n")
-  # The figure: per task and sigma_y, 4 digits: truth, then every method.
+  # The figure: a row per (task, sigma_y), a column per method, 4 digits side by side per cell.
   keys = list(shown)
-  methods = ["truth"] + sorted({m for o in shown.values() for m in o},
-                               key=lambda m: ["measurement", "A+y", "bilinear", "ddnm",
-                                              "pigdm", "sr3"].index(m))
+  order = ["measurement", "A+y", "bilinear", "ddnm", "pigdm", "sr3"]
+  methods = ["truth"] + sorted({m for o in shown.values() for m in o}, key=order.index)
   k = 4
-  fig, axes = plt.subplots(len(keys) * k, len(methods), figsize=(len(methods) * 0.9,
-                                                                   len(keys) * k * 0.9))
-  for i, key in enumerate(keys):
+
+  def strip(x):  # k images side by side, a blank column between them
+    h, w = x.shape[1:3]
+    row = np.full((h, k * (w + 1) - 1), np.nan)
     for j in range(k):
-      for c, m in enumerate(methods):
-        ax = axes[i * k + j, c]
-        ax.axis("off")
-        img = truth[j] if m == "truth" else shown[key].get(m, None)
-        if img is None:
-          continue
-        img = img if m == "truth" else img[j]
-        ax.imshow(np.clip(img[..., 0], -1, 1), cmap="gray", vmin=-1, vmax=1)
-        if i == 0 and j == 0:
-          ax.set_title(m, fontsize=7)
-      axes[i * k, 0].text(-14, 4, f"{key[0]}\nsy={key[1]:g}", fontsize=6, va="center")
-  fig.tight_layout(pad=0.1)
-  fig.savefig(os.path.join(out, f"{NAME}.png"), dpi=110)
+      row[:, j * (w + 1):j * (w + 1) + w] = np.clip(x[j, ..., 0], -1, 1)
+    return row
+
+  fig, axes = plt.subplots(len(keys), len(methods), squeeze=False,
+                           figsize=(len(methods) * 1.6 + 0.6, len(keys) * 0.5 + 0.4))
+  cmap = plt.get_cmap("gray").with_extremes(bad="white")
+  for i, key in enumerate(keys):
+    for c, m in enumerate(methods):
+      ax = axes[i, c]
+      ax.set_xticks([])
+      ax.set_yticks([])
+      for spine in ax.spines.values():
+        spine.set_visible(False)
+      if i == 0:
+        ax.set_title(m, fontsize=8)
+      if c == 0:
+        ax.set_ylabel(f"{key[0]}\nsy={key[1]:g}", fontsize=7, rotation=0, ha="right",
+                      va="center")
+      x = truth if m == "truth" else shown[key].get(m)
+      if x is not None:
+        ax.imshow(strip(x), cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
+  fig.tight_layout(pad=0.3, w_pad=1.0, h_pad=0.3)
+  fig.savefig(os.path.join(out, f"{NAME}.png"), dpi=110, bbox_inches="tight")
   plt.close(fig)
 
 

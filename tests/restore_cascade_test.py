@@ -59,7 +59,8 @@ def _restore(runs, task, method="ddnm", sigma_y=0.0, **extra):
   report = drivers.restore(config, runs["plain"])
   name = f"{task}_{method}_sy{sigma_y:g}_ddim_4_step{STEPS}"
   folder = os.path.join(runs["plain"], "restorations")
-  return config, report, np.load(os.path.join(folder, name + ".npz")), folder, name
+  assert report["npz"] == os.path.join(folder, name + ".npz")
+  return config, report, np.load(report["npz"]), folder, name
 
 
 @pytest.mark.parametrize("task", ["sr2", "blur_gauss", "inpaint", "denoise"])

@@ -274,7 +274,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> dict:
   output_float), `.png` (rows of
   truth | measurement | restoration, or measurement | restoration) and `.json` (the metrics: PSNR
   and SSIM against the truth, and the consistency ||A x^ - y|| / ||y||, per image and mean).
-  Returns the metrics.
+  Returns the metrics, and under "npz" the path of the `.npz`.
   """
   parts = validation.validate(config, mode="restore")
   d, r = config.data, config.restore
@@ -334,7 +334,7 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> dict:
                       if k in report)
   logging.info("Restored %d images (%s, %s, sigma_y=%g): %s. Wrote %s.npz/.png/.json.", n,
                r.task, r.method, float(r.sigma_y), summary, stem)
-  return report
+  return {**report, "npz": str(stem.parent / f"{name}.npz")}
 
 
 def cascade(config: ml_collections.ConfigDict, workdir: str) -> str:
