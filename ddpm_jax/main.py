@@ -90,15 +90,18 @@ def check_backend() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Importing jax does not start a backend; the console filter goes on before the backend check
+  # starts one, so that the backends' probing (e.g. "Unable to initialize backend 'tpu'") stays
+  # off the console.
+  from ddpm_jax.runtime import logging_lib  # pylint: disable=g-import-not-at-top
+  logging_lib.setup_console()
   check_backend()  # initialises jax.distributed too
   # Imported after jax.distributed so that nothing touches the backend before it is set up.
   import jax  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax.evaluation import drivers  # pylint: disable=g-import-not-at-top
   from ddpm_jax.runtime import checkpointing  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.runtime import logging_lib  # pylint: disable=g-import-not-at-top
   from ddpm_jax.training import train  # pylint: disable=g-import-not-at-top
-  logging_lib.setup_console()
 
   config, workdir = _CONFIG.value, _WORKDIR.value
   logging.info("Mode %s, workdir %s, process %d/%d.", _MODE.value, workdir, jax.process_index(),

@@ -47,3 +47,19 @@ def test_verbosity_brings_back_absl_prefix_and_library_lines(flag):
   assert re.match(absl_prefix + "step 5/10", lines[0]), lines[0]
   assert re.match(absl_prefix + "library chatter", lines[1]), lines[1]
   assert re.match(absl_prefix + "a library warning", lines[2]), lines[2]
+
+
+def test_the_backend_probe_of_the_entry_point_stays_off_the_console(tmp_path):
+  """With JAX free to pick a platform, jax probes every backend as the run starts and logs the
+  missing ones at INFO ("Unable to initialize backend 'tpu'"); main.py's console filter is on
+  before that. (The run stops at its clear error: the workdir holds no checkpoint.)"""
+  env = helpers.subprocess_env(1)
+  del env["JAX_PLATFORMS"]
+  command = helpers.main_command(tmp_path / "empty", "--mode=sample")
+  result = subprocess.run(command, cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0 and "train first" in result.stderr, result.stderr[-2000:]
+  log = result.stderr[:result.stderr.index("Traceback")]
+  assert re.match(r"\d\d:\d\d:\d\d Mode sample, workdir ", log), log
+  absl_lines = [line for line in log.splitlines() if re.match(r"[IWE]\d{4} ", line)]
+  assert not absl_lines, absl_lines
