@@ -18,6 +18,8 @@ def num_classes(config) -> int:
 
 
 def check_class_label(config, label: int, what: str = "sampling.class_label") -> None:
+  """The label `what` asks of the model: 0..K-1, or -1 for one of each class in turn (the only
+  choice of an unconditional model)."""
   k = num_classes(config)
   if k == 0:
     if label != -1:
