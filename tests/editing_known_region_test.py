@@ -48,7 +48,6 @@ S_MIN = 0.05
 TOL_MEAN = 5 / np.sqrt(N)
 TOL_STD = 5 / np.sqrt(2 * N)
 TOL_CORR = 5 / np.sqrt(N)
-SAMPLERS = ["ancestral", "ddim", "euler", "heun", "dpm_solver_pp"]
 
 zero_eps = lambda x, t: jnp.zeros_like(x)
 
@@ -77,8 +76,8 @@ def _noisy(tables, t):
   return float(noise_levels.vp_at(tables, np.float64(t))[1]) > S_MIN
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
-@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("schedule", sorted(schedules.SCHEDULES))
+@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
 def test_inpaint_known_pixels_are_forward_samples_at_every_step(sampler, schedule):
   tables = _tables(1000, schedule)
   sample_fn = sampling.get_sampler(sampler, tables, num_steps=20, trajectory_every=1)
@@ -102,7 +101,7 @@ def test_replacement_post_step_ends_on_x0_before_the_paste():
   np.testing.assert_array_equal(np.asarray(x)[KNOWN], np.asarray(X0)[KNOWN])
 
 
-@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+@pytest.mark.parametrize("schedule", sorted(schedules.SCHEDULES))
 def test_repaint_model_sees_forward_samples_of_the_known_pixels(schedule):
   tables = _tables(100, schedule)
   jump, count = 3, 2
