@@ -47,8 +47,8 @@ def _test_digits(config) -> np.ndarray:
 def _scores(out, truth, op, y) -> dict:
   from ddpm_jax.metrics import restoration as m  # pylint: disable=g-import-not-at-top
   out = np.clip(out, -1.0, 1.0)
-  return {"psnr": float(np.mean(m.psnr(out, truth))), "ssim": float(np.mean(m.ssim(out, truth))),
-          "consistency": float(np.mean(m.consistency(np.asarray(op.A(out)), y)))}
+  means = m.summary(out, truth, ax_hat=np.asarray(op.A(out)), y=y)
+  return {k: means[k] for k in ("psnr", "ssim", "consistency")}
 
 
 def run(digits_dir: str, sr_dir: str, out: str) -> list[dict]:

@@ -306,11 +306,8 @@ def restore(config: ml_collections.ConfigDict, workdir: str) -> dict:
                                  classifier=run.classifier, guide=_guide(run))
   raw, _ = fn(run.params, jax.random.PRNGKey(config.sampling.seed), n)
   out = np.clip(raw, -1.0, 1.0)  # the images; the solver's own output is kept as output_float
-  metrics = {"consistency": restoration_metrics.consistency(np.asarray(op.A(out)), y)}
-  if truth is not None:
-    metrics["psnr"] = restoration_metrics.psnr(out, truth)
-    metrics["ssim"] = restoration_metrics.ssim(out, truth)
-  report = {k: float(np.mean(v)) for k, v in metrics.items()}
+  metrics = restoration_metrics.per_image(out, truth, ax_hat=np.asarray(op.A(out)), y=y)
+  report = restoration_metrics.mean(metrics)
   report.update({f"{k}_per_image": [float(u) for u in v] for k, v in metrics.items()})
   name = (f"{r.task}_{r.method}_sy{float(r.sigma_y):g}_{factories.sampler_label(config)}"
           f"_step{run.step}")

@@ -1,7 +1,8 @@
 """Restoration metrics on host arrays: PSNR, SSIM and measurement consistency.
 
 Pure NumPy in float64. Images are float arrays ``[B, H, W, C]`` in ``[-1, 1]``, so the default
-data range is 2. Every metric is returned per image (shape ``[B]``); ``summary`` averages them.
+data range is 2. Every metric is returned per image (shape ``[B]``); ``per_image`` gathers those
+the inputs allow, ``mean`` averages them (PSNR over its finite values), ``summary`` does both.
 
 * ``psnr``: ``10 log10(data_range^2 / MSE)``, ``inf`` where the images are equal.
 * ``ssim``: the structural similarity of Wang, Bovik, Sheikh and Simoncelli, "Image quality
@@ -124,28 +125,42 @@ def consistency(ax_hat, y) -> np.ndarray:
   return err / np.where(norm > 0, norm, 1.0)
 
 
-def summary(x, ref, ax_hat=None, y=None, data_range: float = DATA_RANGE) -> dict:
-  """Batch means of the metrics, as Python numbers.
+def per_image(x, ref=None, ax_hat=None, y=None, data_range: float = DATA_RANGE) -> dict:
+  """Every metric the inputs allow, per image.
 
   Args:
     x: restored images [B, H, W, C].
-    ref: ground-truth images, same shape.
-    ax_hat: optional ``A x^`` for ``consistency`` (needs ``y``).
+    ref: ground-truth images, same shape, or None (no PSNR, SSIM).
+    ax_hat: ``A x^`` for ``consistency`` (with ``y``), or None.
     y: the measurements that go with ``ax_hat``.
     data_range: max - min of the pixel scale (2 for [-1, 1]).
 
   Returns:
-    ``{"psnr": mean over the finite values (inf if none is), "psnr_inf": how many images were
-    exact (infinite PSNR), "ssim": mean}``, plus ``"consistency": mean`` when ``ax_hat`` is
-    given.
+    ``{"psnr": [B], "ssim": [B]}`` when ``ref`` is given, and ``"consistency": [B]`` when
+    ``ax_hat`` and ``y`` are.
   """
   if (ax_hat is None) != (y is None):
     raise ValueError("consistency needs both ax_hat and y.")
-  p = psnr(x, ref, data_range)
-  finite = np.isfinite(p)
-  out = {"psnr": float(p[finite].mean()) if finite.any() else float("inf"),
-         "psnr_inf": int((~finite).sum()),
-         "ssim": float(ssim(x, ref, data_range).mean())}
+  out = {}
+  if ref is not None:
+    out.update(psnr=psnr(x, ref, data_range), ssim=ssim(x, ref, data_range))
   if ax_hat is not None:
-    out["consistency"] = float(consistency(ax_hat, y).mean())
+    out["consistency"] = consistency(ax_hat, y)
   return out
+
+
+def mean(metrics: dict) -> dict:
+  """Batch means of `per_image`'s metrics, as Python numbers: PSNR over its finite values (inf
+  if none is), with "psnr_inf" counting the exact images (infinite PSNR)."""
+  out = {k: float(np.mean(v)) for k, v in metrics.items() if k != "psnr"}
+  if "psnr" in metrics:
+    p = np.asarray(metrics["psnr"])
+    finite = np.isfinite(p)
+    out["psnr"] = float(p[finite].mean()) if finite.any() else float("inf")
+    out["psnr_inf"] = int((~finite).sum())
+  return out
+
+
+def summary(x, ref=None, ax_hat=None, y=None, data_range: float = DATA_RANGE) -> dict:
+  """``mean(per_image(...))``: the batch means of every metric the inputs allow."""
+  return mean(per_image(x, ref, ax_hat, y, data_range))
