@@ -111,11 +111,16 @@ def _fmt(value, spec: str) -> str:
   return collate.MISSING if v == float("inf") else format(v, spec)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line's flags."""
   parser = argparse.ArgumentParser(prog="python -m experiments.objectives", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="experiments/results")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   results = read_results(args.out)
   if not results:
     print(f"No {SWEEP}_<objective>.csv in {args.out}: run the sweeps first (see "

@@ -31,7 +31,8 @@ COLUMNS = (("sigma_rel", "sigma_rel", "{}"), ("digits_frechet_distance", "digits
            ("num_samples", "samples", "{}"), ("sampler", "sampler", "{}"))
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line's flags."""
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--workdir", required=True, help="A digits run trained with "
                       "training.phema_sigma_rels (its snapshots in <workdir>/phema).")
@@ -44,7 +45,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--name", default="digits_phema", help="Stem of the output files.")
   parser.add_argument("--no_baseline", action="store_true",
                       help="Skip scoring the run's own (ema_decay) EMA.")
-  return parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  return build_parser().parse_args(argv)
 
 
 def _eval_config(workdir: str, num_samples: int | None):

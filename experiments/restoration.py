@@ -150,14 +150,19 @@ def _write(rows, shown, truth, out: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line's flags."""
   parser = argparse.ArgumentParser(prog="python -m experiments.restoration", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--digits", default="runs/digits", help="the configs/digits.py run")
   parser.add_argument("--sr", default="runs/digits_sr",
                       help="the configs/digits_sr.py run ('' to skip SR3)")
   parser.add_argument("--out", default="experiments/results")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   from ddpm_jax.runtime import logging_lib  # pylint: disable=g-import-not-at-top
   logging_lib.setup_console()
   rows = run(args.digits, args.sr, args.out)

@@ -102,11 +102,16 @@ def write(table: list[dict], out: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line's flags."""
   parser = argparse.ArgumentParser(prog="python -m experiments.schedules", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--out", default="experiments/results")
-  args = parser.parse_args(argv)
+  return parser
+
+
+def main(argv=None) -> int:
+  args = build_parser().parse_args(argv)
   table = rows(args.out)
   if not table:
     print(f"No digits_schedules results in {args.out}: run the sweeps first (see "

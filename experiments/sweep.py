@@ -53,7 +53,8 @@ from experiments.runner import run_sweep  # noqa: F401
 from experiments.runner import unfinished  # noqa: F401
 
 
-def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+  """The command line's flags."""
   parser = argparse.ArgumentParser(prog="python -m experiments.sweep", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--sweep", required=True,
@@ -74,7 +75,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   parser.add_argument("--checkpoint", default=None,
                       help="sample-only sweeps: the trained run to evaluate, instead of the "
                            "definition's")
-  return parser.parse_args(argv)
+  return parser
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  return build_parser().parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

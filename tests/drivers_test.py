@@ -10,7 +10,6 @@ their cache, grey-to-RGB and uint8 inputs) without a 24M-parameter compile.
 import json
 import os
 import subprocess
-import sys
 
 from absl import flags
 import numpy as np
@@ -309,19 +308,16 @@ def test_cli_sample_mode_writes_the_same_samples(trained, ddim_samples):
   np.testing.assert_array_equal(_load_npz(path)["samples"], expected)
 
 
-def test_cli_eval_on_an_empty_workdir_says_to_train_first(tmp_path, monkeypatch):
-  from ddpm_jax import main  # pylint: disable=g-import-not-at-top  # defines the flags
+def test_cli_eval_on_an_empty_workdir_says_to_train_first(tmp_path):
+  from ddpm_jax import main  # pylint: disable=g-import-not-at-top
   workdir = tmp_path / "empty"
-  # The flags and dispatch of main.py, in-process: a second subprocess would cost ~10 s.
-  # config_flags reads the --config.* overrides from sys.argv itself.
+  # The flags and dispatch of main.py, in-process (a second subprocess would cost ~10 s), on a
+  # FlagValues of its own, as a notebook would call it.
   argv = ["ddpm_jax.main", *main_command(workdir, "--mode=eval", **OVERRIDES)[3:]]
-  monkeypatch.setattr(sys, "argv", argv)
-  try:
-    argv = flags.FLAGS(argv)
-    # pylint: disable-next=protected-access
-    assert main._CONFIG.value.sampling.num_samples == NUM_SAMPLES  # the overrides applied
-    with pytest.raises(FileNotFoundError, match=r"No checkpoint.*train first"):
-      main.main(argv)
-    assert not workdir.exists()  # a mistyped workdir is not created
-  finally:
-    flags.FLAGS.unparse_flags()
+  flag_values = flags.FlagValues()
+  args = main.define_flags(flag_values, sys_argv=argv)
+  argv = flag_values(argv)
+  assert args.config.value.sampling.num_samples == NUM_SAMPLES  # the overrides applied
+  with pytest.raises(FileNotFoundError, match=r"No checkpoint.*train first"):
+    main.main(argv, args)
+  assert not workdir.exists()  # a mistyped workdir is not created

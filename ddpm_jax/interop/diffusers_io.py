@@ -17,6 +17,8 @@ import re
 
 import numpy as np
 
+from ddpm_jax.runtime import staging
+
 SAFETENSORS = "diffusion_pytorch_model.safetensors"
 BIN = "diffusion_pytorch_model.bin"
 MODEL_CONFIG = "config.json"
@@ -171,19 +173,13 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
 def write(out: str, model_config: dict, state_dict: dict[str, np.ndarray],
           scheduler_config: dict) -> None:
   """Writes a flat diffusers folder (config.json, safetensors, scheduler_config.json) atomically:
-  into `<out>.partial`, renamed to `out` when complete."""
+  into a staging folder of our own beside `out`, renamed to `out` when complete
+  (`runtime.staging`; `out` must be absent or an empty folder)."""
   from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
-  tmp = out.rstrip("/") + ".partial"
-  if os.path.exists(tmp):
-    import shutil  # pylint: disable=g-import-not-at-top
-    shutil.rmtree(tmp)
-  os.makedirs(tmp)
-  with open(os.path.join(tmp, MODEL_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(model_config, f, indent=2, sort_keys=True)
-  st_numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
-                     os.path.join(tmp, SAFETENSORS), metadata={"format": "pt"})
-  with open(os.path.join(tmp, SCHEDULER_CONFIG), "w", encoding="utf-8") as f:
-    json.dump(scheduler_config, f, indent=2, sort_keys=True)
-  if os.path.isdir(out) and not os.listdir(out):
-    os.rmdir(out)
-  os.rename(tmp, out)
+  with staging.staged(out, "--out") as tmp:
+    with open(os.path.join(tmp, MODEL_CONFIG), "w", encoding="utf-8") as f:
+      json.dump(model_config, f, indent=2, sort_keys=True)
+    st_numpy.save_file({k: np.ascontiguousarray(v, np.float32) for k, v in state_dict.items()},
+                       os.path.join(tmp, SAFETENSORS), metadata={"format": "pt"})
+    with open(os.path.join(tmp, SCHEDULER_CONFIG), "w", encoding="utf-8") as f:
+      json.dump(scheduler_config, f, indent=2, sort_keys=True)

@@ -10,8 +10,6 @@ that embedding to the timestep embedding exactly as ddpm_jax does; row K is clas
 guidance's null class, which diffusers' pipelines do not know about.
 """
 
-import os
-
 from absl import logging
 import jax
 import numpy as np
@@ -24,6 +22,7 @@ from ddpm_jax.interop import diffusers_scheduler
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import staging
 from ddpm_jax.runtime import train_state as train_state_lib
 
 
@@ -75,8 +74,7 @@ def export_checkpoint(workdir: str, out: str, *, use_ema: bool = True,
   if "://" in out:
     raise ValueError(f"--out={out}: the exporter writes a local folder; export there, then copy "
                      "it (e.g. gcloud storage cp -r).")
-  if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
-    raise FileExistsError(f"{out} exists and is not empty; choose a new --out.")
+  staging.check_new_target(out, "--out")  # before any weight is read
   model = factories.create_model(config)
   mesh = mesh_lib.make_mesh()
   abstract = train_state_lib.abstract_params(config, model, mesh)

@@ -13,8 +13,9 @@ imported weights), and `workdir/imported.json` (the source and what was taken fr
 
 Everything is read and checked before anything is written: a folder of another architecture, a
 missing, extra or misshapen weight, an unknown scheduler or a `.bin` without torch fails naming
-the problem, and the workdir is left as it was. The workdir is staged in `<workdir>.partial`
-and renamed when complete (a cloud workdir is written in place, `imported.json` last).
+the problem, and the workdir is left as it was. The workdir is staged in a folder of our own
+beside it (`<name>.ddpm_jax-staging-<random>`, see `runtime.staging`) and renamed when complete;
+no other folder is touched. A cloud workdir is written in place, `imported.json` last.
 """
 
 import dataclasses
@@ -22,7 +23,6 @@ import datetime
 import glob
 import json
 import os
-import shutil
 from typing import Any
 
 from absl import logging
@@ -41,6 +41,7 @@ from ddpm_jax.interop import diffusers_scheduler
 from ddpm_jax.models import unet as unet_lib
 from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import staging
 
 
 @dataclasses.dataclass
@@ -146,6 +147,9 @@ def apply_fields(base: ml_collections.ConfigDict, fields: dict) -> tuple[ml_coll
 
 def check_new_workdir(workdir: str) -> None:
   path = epath.Path(workdir)
+  if path.exists() and not path.is_dir():
+    raise FileExistsError(f"--workdir={workdir} exists and is not a folder; the importer writes a "
+                          "new workdir. Choose a new --workdir.")
   if path.exists() and any(path.iterdir()):
     raise FileExistsError(
         f"{workdir} exists and is not empty; the importer writes a new workdir. Choose a new "
@@ -165,17 +169,24 @@ def _check_tree(params, shapes) -> None:
         "The weights do not fit the network", problems))
 
 
-def write_workdir(workdir: str, config, params, step: int, record: dict) -> None:
+def write_workdir(workdir: str, config, params, step: int, record: dict,
+                  what: str = "--workdir") -> None:
   """Writes config.json, the params-only Orbax checkpoint and imported.json (see module doc).
 
   `params` (a param tree, arrays or NumPy) is stored as both `params` and `ema_params` of step
   `step`; `record` is imported.json's content. Also used by post-hoc EMA reconstruction
-  (`training.posthoc_ema_io`), whose output is a params-only workdir too.
+  (`training.posthoc_ema_io`), whose output is a params-only workdir too. A local workdir is
+  staged in a folder of our own beside it and renamed when complete (`runtime.staging`); `what`
+  names the flag that chose `workdir`, for the messages.
   """
-  remote = "://" in workdir
-  target = workdir if remote else os.path.abspath(workdir.rstrip("/")) + ".partial"
-  if not remote and os.path.exists(target):
-    shutil.rmtree(target)
+  if staging.is_remote(workdir):  # no rename on a bucket: imported.json, written last, marks it
+    _write_contents(workdir, config, params, step, record)
+    return
+  with staging.staged(workdir, what) as staging_dir:
+    _write_contents(staging_dir, config, params, step, record)
+
+
+def _write_contents(target: str, config, params, step: int, record: dict) -> None:
   epath.Path(target).mkdir(parents=True, exist_ok=True)
   run_config.record(config, target, None)
   tree = jax.tree.map(np.asarray, params)
@@ -187,10 +198,6 @@ def write_workdir(workdir: str, config, params, step: int, record: dict) -> None
     manager.close()
   (epath.Path(target) / checkpointing.IMPORTED_FILE).write_text(
       json.dumps(record, indent=2, default=str))
-  if not remote:
-    if os.path.isdir(workdir):  # empty (checked)
-      os.rmdir(workdir)
-    os.rename(target, workdir)
 
 
 def import_checkpoint(src: str, workdir: str, base: ml_collections.ConfigDict, *, ema: bool = True,

@@ -13,17 +13,28 @@ Writes experiments/results/digits_guidance.{csv,md,png}.
 """
 
 import csv
+import functools
 import os
 import sys
+import types
 
 from absl import app
 from absl import flags
 import numpy as np
 
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0)
-_WORKDIR = flags.DEFINE_string("workdir", "runs/digits_cond", "A trained digits_cond run.")
-_OUT = flags.DEFINE_string("out", "experiments/results", "Where the table and plot go.")
-_NUM = flags.DEFINE_integer("num_samples", 500, "Samples per guidance scale (50 per class).")
+
+
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> types.SimpleNamespace:
+  """Defines this program's flags on `flag_values` (nothing is defined at import)."""
+  f = flag_values
+  return types.SimpleNamespace(
+      workdir=flags.DEFINE_string("workdir", "runs/digits_cond", "A trained digits_cond run.",
+                                  flag_values=f),
+      out=flags.DEFINE_string("out", "experiments/results", "Where the table and plot go.",
+                              flag_values=f),
+      num_samples=flags.DEFINE_integer("num_samples", 500, "Samples per guidance scale (50 per "
+                                       "class).", flag_values=f))
 
 
 def run(workdir: str, out_dir: str, num_samples: int) -> list[dict]:
@@ -89,13 +100,13 @@ def write(rows: list[dict], out_dir: str) -> None:
   fig.savefig(os.path.join(out_dir, "digits_guidance.png"), dpi=120)
 
 
-def main(argv):
+def main(argv, args: types.SimpleNamespace):
   del argv
-  run(_WORKDIR.value, _OUT.value, _NUM.value)
+  run(args.workdir.value, args.out.value, args.num_samples.value)
 
 
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   from ddpm_jax.runtime import process_env  # pylint: disable=g-import-not-at-top
   process_env.set_defaults()  # an entry point: before jax starts a backend
-  app.run(main)
+  app.run(functools.partial(main, args=define_flags()))
