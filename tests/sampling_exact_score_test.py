@@ -126,7 +126,7 @@ def test_dpm_solver_pp_drops_order_on_a_large_step_ratio():
 
 EVERY_SCHEDULE = [(name, z) for name in schedules.SCHEDULES for z in (False, True)]
 # W1 / floor that every sampler reaches on every schedule, chosen after measuring the matrix
-# (`python benchmarks/exact_score_samplers.py --matrix 50`, `--matrix 20`; README "Samplers").
+# (`python benchmarks/exact_score_samplers.py --matrix 50`, `--matrix 20`; docs/samplers.md).
 # Before sigma-space grids and Heun's second-order steps were capped at EDM's sigma_max = 80,
 # heun was about 60x the floor on the cosine schedule at 49 calls. Stated exceptions: on `const`
 # the smallest sigma (0.14) exceeds the data's own 0.1 spread, so the last jump to sigma = 0,

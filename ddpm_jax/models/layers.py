@@ -133,7 +133,7 @@ def threefry_bernoulli(key_data: jax.Array, p: float, shape: tuple[int, ...]) ->
   words; a uniform is built from the top 23 bits, u = bitcast(bits >> 9 | 1.0f) - 1, and the
   sample is u < p. On XLA:CPU jax.random lowers the 20 rounds to a rolled loop that streams
   the whole array through memory five times; written out here they fuse into the consumer
-  (README "Performance" has the measurement).
+  (docs/performance.md has the measurement).
 
   Args:
     key_data: uint32 [2], the key's data.

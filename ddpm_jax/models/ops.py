@@ -5,8 +5,8 @@ the pixels for each channel: a *column* reduction of a [pixels, channels] array.
 it as a loop that runs many times slower than the same sum computed as a matrix product with a
 vector of ones, so `bias_add`'s backward pass is written as `ones @ g`: the same sum in another
 order, equal up to float rounding. (The same treatment of GroupNorm's statistics and gradients
-lost in an alternating A/B run, because it has to materialise the products it sums; README
-"Performance".)
+lost in an alternating A/B run, because it has to materialise the products it sums;
+docs/performance.md.)
 
 Inside `jax.shard_map` (the train step) the parameters are invariant over the mesh axis and the
 activations vary. `jax.custom_vjp` must return a cotangent of its input's type, so each op first

@@ -20,7 +20,7 @@ def set_defaults() -> None:
     stalls 60 s and then falls back to the JSON API anyway. We use only plain object operations;
     set the variable to "true" to get gcsfs's hierarchical-namespace features back.
   * `XLA_FLAGS += --xla_cpu_experimental_ynn_fusion_type=`: XLA's own CPU kernels instead of
-    YNNPACK's library fusions, which lose to them on our U-Nets (README "Performance"). Results
+    YNNPACK's library fusions, which lose to them on our U-Nets (docs/performance.md). Results
     change by float rounding only; other backends ignore the flag. XLA reads it when JAX starts
     its CPU backend, so this must run before the first computation.
   """

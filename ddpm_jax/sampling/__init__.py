@@ -17,7 +17,7 @@ grid, DPM-Solver uniform log-SNR ("logSNR", their advice at low resolution). Heu
 stochastic sampler are the exception and take the quadratic grid (DDIM paper, sec. D.2): rho = 7
 crosses the noise levels where a multi-modal denoiser switches modes in large sigma ratios, over
 which the trapezoid rule is far less accurate than the first-order step (which is exact for a
-constant denoiser). README "Configs" has the exact-score measurements behind this choice
+constant denoiser). docs/samplers.md has the exact-score measurements behind this choice
 (`benchmarks/exact_score_samplers.py`). The implementation follows EDM Alg. 1 (its order is
 checked in `tests/sampling_exact_score_test.py`). Pass grid="karras" for EDM's grid. Every
 sampler takes any grid of `grids.GRIDS`; none builds its own. See `grids` for fractional t.
