@@ -32,6 +32,9 @@ def get_config() -> ml_collections.ConfigDict:
       attn_resolutions=(16,),
       dropout=0.1,
       resamp_with_conv=True,
+      num_groups=32,            # GroupNorm groups (DDPM's 32); must divide every channel count
+                                # the U-Net normalises: ch x each ch_mult and the skip
+                                # concatenations (validation lists the valid choices)
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       num_classes=0,            # 0 = unconditional; K = class-conditional on labels 0..K-1
       sr_factor=0,              # f > 0: a super-resolution stage (SR3 / cascade) that also takes

@@ -76,7 +76,10 @@ def _reconstruct(run: str, sigma_rel: float, step: int | None) -> str:
         return out
     raise FileExistsError(f"{out} holds another reconstruction ({record.get('sigma_rel')} at "
                           f"step {record.get('step')}); delete it to rebuild.")
-  posthoc_ema_io.write_reconstruction(run, out, sigma_rel, step=step)
+  # The sweep charts widths beyond the two tracked ones on purpose: those are extrapolations,
+  # which the library refuses unless asked; each is logged with its coefficients and recorded as
+  # "extrapolated" in its imported.json.
+  posthoc_ema_io.write_reconstruction(run, out, sigma_rel, step=step, allow_extrapolation=True)
   return out
 
 

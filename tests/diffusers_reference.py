@@ -42,7 +42,7 @@ def diffusers_unet(config):
   return UNet2DModel(
       sample_size=d.image_size, in_channels=d.num_channels, out_channels=d.num_channels,
       block_out_channels=tuple(m.ch * k for k in m.ch_mult), layers_per_block=m.num_res_blocks,
-      down_block_types=down, up_block_types=up, dropout=m.dropout, norm_num_groups=32,
+      down_block_types=down, up_block_types=up, dropout=m.dropout, norm_num_groups=m.num_groups,
       norm_eps=1e-6, attention_head_dim=None, flip_sin_to_cos=False, freq_shift=1,
       downsample_padding=0, act_fn="silu", time_embedding_type="positional")
 

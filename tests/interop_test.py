@@ -166,6 +166,25 @@ def test_class_conditional_model_round_trips(tmp_path):
   assert rel_err(torch_out(back, x, t, labels), torch_out(unet, x, t, labels)) == 0.0
 
 
+def test_other_group_counts_round_trip(tmp_path):
+  """norm_num_groups is model.num_groups both ways; attn_norm_num_groups None (the exporter's)
+  gives the middle block's attention the same groups, as ours has."""
+  config = digits.get_config()
+  config.model.num_groups = 8
+  unet = random_unet(config, seed=7)
+  src = save(unet, linear_scheduler(), str(tmp_path / "src"), "flat")
+  importer.import_checkpoint(src, str(tmp_path / "W"), digits.get_config())  # base: 32 groups
+  config, model, params = load_workdir(str(tmp_path / "W"))
+  assert config.model.num_groups == 8
+  x, t = inputs(config)
+  assert rel_err(our_out(model, params, x, t), torch_out(unet, x, t)) <= 1e-5
+  exporter.export_checkpoint(str(tmp_path / "W"), str(tmp_path / "out"))
+  back = diffusers.UNet2DModel.from_pretrained(str(tmp_path / "out")).eval()
+  assert (back.config.norm_num_groups, back.config.attn_norm_num_groups) == (8, None)
+  assert back.mid_block.attentions[0].group_norm.num_groups == 8
+  assert rel_err(torch_out(back, x, t), torch_out(unet, x, t)) == 0.0
+
+
 # Each side on its own network: the forward passes' float32 differences (about 1e-6 relative)
 # are amplified by 1 / sqrt(abar_T) in an eps model's first x0 estimate, which is large where
 # abar_T is near 0 (`benchmarks/diffusers_parity.py` prints the table).
@@ -328,6 +347,13 @@ BAD_INPUTS = {
     "absent attention_head_dim (diffusers builds 8-channel heads)": (
         lambda src: _drop_json_keys(os.path.join(src, "config.json"), "attention_head_dim"),
         r"attention_head_dim=8 \(absent: diffusers' default\).*\"attention_head_dim\": null"),
+    "groups that do not divide the channels": (lambda src: _edit_json(
+        os.path.join(src, "config.json"), norm_num_groups=48),
+                                               r"norm_num_groups=48: needs a positive int that "
+                                               r"divides every block_out_channels \[32, 64\]"),
+    "other attention groups": (lambda src: _edit_json(
+        os.path.join(src, "config.json"), attn_norm_num_groups=16),
+                               r"attn_norm_num_groups=16: needs None or 32"),
     "unknown field": (lambda src: _edit_json(
         os.path.join(src, "config.json"), resnet_skip_time_act=True),
                       r"resnet_skip_time_act=True: a field ddpm_jax does not know"),
@@ -485,7 +511,7 @@ def test_workdir_config_restores_tuples_and_names_a_missing_record(tmp_path, dig
 
 @pytest.mark.slow
 def test_command_line_import_then_sample(tmp_path, digits_unet):
-  """The README's commands: import a folder, then --mode=sample on the workdir's own config."""
+  """docs/published_models.md's commands: import a folder, then --mode=sample on its config."""
   src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
   workdir = str(tmp_path / "W")
   env = {**os.environ, "PYTHONPATH": helpers.REPO_ROOT}

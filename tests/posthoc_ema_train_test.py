@@ -7,6 +7,7 @@ One 40-step run tracking sigma_rel 0.05, 0.08 and 0.10 (snapshots every 2 steps,
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -102,12 +103,13 @@ def test_phema_is_the_power_ema_of_each_steps_params_on_one_and_four_devices():
                                    err_msg=f"step {t}, sigma_rel {SIGMA_RELS[i]}")
   (thetas_1, phemas_1), (thetas_n, phemas_n) = runs[1], runs[NUM_DEVICES]
   assert np.max(np.abs(thetas_n[-1] - thetas_n[0])) > 1e-4  # the params moved
-  # The params themselves agree across device counts only up to Adam's amplified rounding
-  # (train_test.py checks them, at a small learning rate): the biases of the last residual block
-  # feed a GroupNorm with one channel per group, so their gradient is zero in exact arithmetic
-  # and Adam turns its rounding noise into steps of up to lr (3.6e-5 at lr 1e-3 here). An EMA is
-  # a convex combination of the params, so it must add no disagreement of its own: each entry's
-  # 1-vs-N difference is at most the w-weighted params' difference, plus float32 rounding.
+  # The params themselves agree across device counts only up to the gradients' rounding passed
+  # through Adam, about sum_t lr_t delta for a relative gradient rounding delta (train_test.py
+  # derives and checks it): 6e-7 here at lr 1e-3, the tiny model's GroupNorms having several
+  # channels per group (with one per group, a zero gradient's noise became steps of about lr:
+  # 2.5e-5). An EMA is a convex combination of the params, so it must add no disagreement of its
+  # own: each entry's 1-vs-N difference is at most the w-weighted params' difference, plus the
+  # float32 rounding of the EMA's own arithmetic (a few ulp of the params it averages).
   param_diffs = np.abs(np.stack(thetas_n) - np.stack(thetas_1))
   for t in range(1, len(images) + 1):
     for i in range(len(SIGMA_RELS)):
@@ -324,5 +326,6 @@ def test_resume_sets_aside_snapshots_newer_than_the_restored_step(tmp_path):
     posthoc_ema_io.write_snapshot(workdir, step, tree, (0.05,), (6.94,))
   moved = posthoc_ema_io.set_aside_after(workdir, 4)
   assert [s.step for s in posthoc_ema_io.list_snapshots(workdir)] == [2, 4]
-  assert [p.name for p in moved] == ["phema-00000006.safetensors.abandoned-at-4"]
+  assert len(moved) == 1 and re.fullmatch(r"phema-00000006\.safetensors\.abandoned-at-4-.+",
+                                          moved[0].name)
   assert moved[0].exists()

@@ -306,17 +306,40 @@ def test_create_model_reads_num_classes():
   assert factories.create_model(config).num_classes == 10
 
 
-def test_runs_recorded_before_num_classes_existed_still_resume(tmp_path):
+def test_create_model_reads_num_groups():
+  config = digits.get_config()
+  assert factories.create_model(config).num_groups == 32  # DDPM's
+  config.model.num_groups = 8
+  assert factories.create_model(config).num_groups == 8
+  config.training.objective, config.model.num_classes = "classifier", 10
+  assert factories.create_model(config).num_groups == 8  # the noisy classifier's too
+
+
+@pytest.mark.parametrize("ch,ch_mult,num_res_blocks", [(16, (1, 2), 1), (32, (1,), 1),
+                                                       (8, (2, 1, 3), 2), (32, (2,), 0)])
+def test_group_norm_channels_are_those_of_the_unets_group_norms(ch, ch_mult, num_res_blocks):
+  module = models.UNet(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks,
+                       attn_resolutions=(2,), dropout=0.0, resamp_with_conv=True, out_channels=1,
+                       num_groups=1)
+  shapes = models.param_shapes(module, IMAGE_SIZE, 1)
+  normalised = {leaf.shape[0] for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)
+                if path[-1].key == "scale"}  # one GroupNorm scale per normalised channel
+  assert models.group_norm_channels(ch, ch_mult, num_res_blocks) == tuple(sorted(normalised))
+
+
+@pytest.mark.parametrize("field,other", [("num_classes", 10), ("num_groups", 8)])
+def test_runs_recorded_before_a_model_field_existed_still_load_and_resume(tmp_path, field, other):
   import json  # pylint: disable=g-import-not-at-top
 
   from ddpm_jax.runtime import run_config  # pylint: disable=g-import-not-at-top
   config = digits.get_config()
   old = json.loads(run_config.config_to_json(config))
-  del old["model"]["num_classes"]  # a config.json written before model.num_classes
+  del old["model"][field]  # a config.json written before the field existed
   (tmp_path / "config.json").write_text(json.dumps(old))
-  assert "model.num_classes" not in run_config.check_resume(config, str(tmp_path), 10)
-  config.model.num_classes = 10
-  with pytest.raises(ValueError, match="model.num_classes"):
+  assert run_config.load(str(tmp_path)).model[field] == config.model[field]
+  assert f"model.{field}" not in run_config.check_resume(config, str(tmp_path), 10)
+  config.model[field] = other
+  with pytest.raises(ValueError, match=f"model.{field}"):
     run_config.check_resume(config, str(tmp_path), 10)
 
 

@@ -25,6 +25,9 @@ _BOTH = ("sample", "train")
     ({"diffusion.loss": "l1"}, r"diffusion.loss 'l1'.*hybrid", _BOTH),
     ({"sampling.sampler": "unipc"}, r"sampling.sampler 'unipc'.*dpm_solver_pp", _BOTH),
     ({"model.dtype": "float16"}, r"model.dtype 'float16'.*bfloat16", _BOTH),
+    # digits: ch 32, ch_mult (1, 2); the way up concatenates 64 + 64 and 64 + 32.
+    ({"model.num_groups": 12}, r"model.num_groups=12 must divide every channel count .*: "
+     r"32, 64, 96, 128 .*Valid choices: 1, 2, 4, 8, 16, 32\.", _BOTH),
     ({"eval.metrics": ("fid", "lpips")}, r"eval metric 'lpips'.*precision_recall", _BOTH),
     ({"training.log_every": 0}, r"training.log_every must be positive", _BOTH),
     ({"sampling.num_steps": 2000}, r"num_steps must be in \[1, 1000\]", _BOTH),

@@ -65,16 +65,17 @@ def create_model(config: ml_collections.ConfigDict):
   """The network of a config: the U-Net, or its encoder as a noise-conditional classifier.
 
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-  dtype, num_classes, sr_factor}, config.data.num_channels and config.diffusion.model_var (a learned
-  variance doubles the output channels). With training.objective = 'classifier' it builds the
-  same encoder as a `NoisyClassifier` with model.num_classes logits (classifier guidance's
-  p(c | x_t, t)).
+  num_groups, dtype, num_classes, sr_factor}, config.data.num_channels and
+  config.diffusion.model_var (a learned variance doubles the output channels). With
+  training.objective = 'classifier' it builds the same encoder as a `NoisyClassifier` with
+  model.num_classes logits (classifier guidance's p(c | x_t, t)).
   """
   m = config.model
   diffusion.check_choice("model.dtype", m.dtype, models.DTYPES)
   common = dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
-                resamp_with_conv=m.resamp_with_conv, dtype=models.DTYPES[m.dtype])
+                resamp_with_conv=m.resamp_with_conv, num_groups=int(m.num_groups),
+                dtype=models.DTYPES[m.dtype])
   if config.training.objective == "classifier":
     return models.NoisyClassifier(num_classes=int(m.num_classes), **common)
   channels = config.data.num_channels

@@ -58,6 +58,7 @@ def validate(config: ml_collections.ConfigDict, *, mode: str, open_data: bool = 
   """
   _check("mode", mode, MODES)
   check_choices(config)
+  check_model(config)
   check_training(config)
   check_batches(config)
   tables = factories.tables_from_config(config)
@@ -130,6 +131,21 @@ def check_choices(config: ml_collections.ConfigDict) -> None:
         f"Eval metric 'digits_score' scores 8x8 digits only (dataset {config.data.dataset!r}); use "
         "'fid', or drop it from --config.eval.metrics / --config.training.final_eval_metrics.")
   check_eval_options(config, eval_metrics)
+
+
+def check_model(config: ml_collections.ConfigDict) -> None:
+  """model.num_groups divides every channel count the U-Net's GroupNorms normalise (the
+  classifier's encoder normalises a subset of them)."""
+  m = config.model
+  groups = m.num_groups
+  counts = models.group_norm_channels(int(m.ch), tuple(m.ch_mult), int(m.num_res_blocks))
+  if not isinstance(groups, int) or groups < 1 or any(c % groups for c in counts):
+    gcd = math.gcd(*counts)
+    valid = ", ".join(str(g) for g in range(1, gcd + 1) if gcd % g == 0)
+    raise ValueError(
+        f"model.num_groups={groups!r} must divide every channel count the U-Net's GroupNorms "
+        f"normalise: {', '.join(map(str, counts))} (model.ch={m.ch} x model.ch_mult="
+        f"{tuple(m.ch_mult)}, and the skip concatenations). Valid choices: {valid}.")
 
 
 def check_eval_options(config: ml_collections.ConfigDict, metrics) -> None:
@@ -388,21 +404,47 @@ def check_guide(config: ml_collections.ConfigDict, mode: str) -> factories.Guide
     raise ValueError(f"sampling.guide_step={step}: {run_dir} has checkpoints at steps {steps}.")
   # The config of the segment that wrote that checkpoint (a resumed guide may have changed).
   mine, theirs = run_config.flat(config), run_config.segment_config(run_dir, step)
-  same = ["data.image_size", "data.num_channels", "diffusion.model_var"]
+  same = dict(_GUIDE_SAME)
   if config.diffusion.parameterization == "ddpm":  # the guide reads t on the same schedule
-    same += ["diffusion.schedule", "diffusion.num_timesteps", "diffusion.zero_terminal_snr"]
+    same.update(_GUIDE_SAME_DDPM)
   diff = {k: (theirs.get(k), mine.get(k)) for k in same if theirs.get(k) != mine.get(k)}
   diff.update(run_config.meaning_differences(theirs, mine))
   if diff:
     raise ValueError(f"The guide in {run_dir} is not a model of the same process as this one: "
-                     + ", ".join(f"{k} guide {a!r} vs {b!r}" for k, (a, b) in diff.items())
+                     + ", ".join(f"{k} guide {a!r} vs {b!r}"
+                                 + (f" ({same[k]})" if k in same else "")
+                                 for k, (a, b) in diff.items())
                      + ". Autoguidance needs a weaker model of the same data and "
                      "parameterisation (a smaller config, or an earlier checkpoint).")
   k_guide, k_model = int(gconfig.model.num_classes), conditioning.num_classes(config)
   if k_guide and k_guide != k_model:
     raise ValueError(f"The guide in {run_dir} is conditional on {k_guide} classes, this model on "
                      f"{k_model}; use an unconditional guide or one of the same classes.")
+  data_keys = ("data.dataset", "data.label_key")  # (data_dir may differ between machines)
+  other = {k: (theirs.get(k), mine.get(k)) for k in data_keys if theirs.get(k) != mine.get(k)}
+  if k_guide and other:
+    raise ValueError(f"The guide in {run_dir} is conditional on the {k_guide} classes of other "
+                     "data (" + ", ".join(f"{k} guide {a!r} vs {b!r}" for k, (a, b) in
+                                          other.items()) + "): its label i is another class. "
+                     "Use an unconditional guide or one trained on this model's data.")
   return factories.GuideRun(run_dir, gconfig, step)
+
+
+# What a guide shares with the model it guides, so that it reads the same x_t (and t) and its
+# output means the same: each key, and what it fixes. (Parameterisation, model_output and
+# sigma_data are compared by run_config.meaning_differences.)
+_GUIDE_SAME = {
+    "data.image_size": "image size",
+    "data.num_channels": "image channels",
+    "model.sr_factor": "super-resolution conditioning: a stage also reads a low-resolution "
+                       "image, which autoguidance does not pass",
+    "diffusion.model_var": "output variance, and so the output channels",
+}
+_GUIDE_SAME_DDPM = {
+    "diffusion.schedule": "noise schedule",
+    "diffusion.num_timesteps": "timesteps",
+    "diffusion.zero_terminal_snr": "schedule end",
+}
 
 
 def check_inception_weights(config: ml_collections.ConfigDict) -> str:

@@ -14,6 +14,8 @@ tensors, and only if torch is installed; nothing here ever calls pickle itself.
 import json
 import os
 import re
+import struct
+from typing import BinaryIO
 
 import numpy as np
 
@@ -125,11 +127,45 @@ def read_json(path: str) -> dict:
   try:
     with open(path, encoding="utf-8") as f:
       data = json.load(f)
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ValueError(f"{path} is not valid JSON: {e}") from e
   if not isinstance(data, dict):
     raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object.")
   return data
+
+
+def safetensors_problem(f: BinaryIO, size: int) -> str | None:
+  """What is wrong with a safetensors file, in words, or None when its header and size agree.
+
+  A safetensors file is an 8-byte little-endian header length, a JSON header giving each
+  tensor's byte range, then the tensors; the safetensors package itself reports a short file
+  only as "incomplete metadata, file not fully covered".
+
+  Args:
+    f: the file, opened for binary reading at its start.
+    size: its length in bytes.
+  """
+  head = f.read(8)
+  if len(head) < 8:
+    return (f"it is {size} bytes long, too short to be a safetensors file (truncated, e.g. by a "
+            "crash or a full disk)")
+  (length,) = struct.unpack("<Q", head)
+  if length > size - 8:
+    return (f"its first 8 bytes announce a {length}-byte header but the file is {size} bytes "
+            "long (truncated, e.g. by a crash or a full disk, or not a safetensors file)")
+  try:
+    header = json.loads(f.read(length))
+  except (ValueError, UnicodeDecodeError) as e:
+    return f"its header is not valid JSON ({e}): damaged, or not a safetensors file"
+  if not isinstance(header, dict):
+    return "its header is not a JSON object: damaged, or not a safetensors file"
+  ends = [max(entry["data_offsets"]) for key, entry in header.items()
+          if key != "__metadata__" and isinstance(entry, dict) and entry.get("data_offsets")]
+  need = 8 + length + max(ends, default=0)
+  if size < need:
+    return (f"it is {size} bytes long but its header describes {need} bytes of tensors "
+            "(truncated, e.g. by a crash or a full disk)")
+  return None
 
 
 def read_weights(path: str) -> dict[str, np.ndarray]:
@@ -141,6 +177,10 @@ def read_weights(path: str) -> dict[str, np.ndarray]:
   """
   if path.endswith(".safetensors"):
     from safetensors import numpy as st_numpy  # pylint: disable=g-import-not-at-top
+    with open(path, "rb") as f:
+      problem = safetensors_problem(f, os.path.getsize(path))
+    if problem:
+      raise ValueError(f"{path} is not a complete safetensors file: {problem}.")
     try:
       tensors = st_numpy.load_file(path)
     except Exception as e:  # pylint: disable=broad-except

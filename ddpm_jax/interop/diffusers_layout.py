@@ -8,12 +8,14 @@ A config.json is read as diffusers reads it: a field it omits takes `UNet2DModel
 (`DIFFUSERS_DEFAULTS`; the published google/ddpm-* configs, written by diffusers 0.0.4, omit
 several). Then diffusers' `UNet2DModel` is DDPM's U-Net (Ho et al. 2020, appendix B) when it is
 built with DDPM's settings (`REQUIRED`: sinusoidal [sin, cos] embedding with frequencies
-10000^(-i / (half - 1)), GroupNorm(32, eps 1e-6), one attention head over all channels, strided
-convs padded as TF's 'SAME'), as google/ddpm-cifar10-32 and the 256x256 DDPM models are. Its
-weights map one to one onto ours (`key_map`): PyTorch convs are [out, in, kh, kw] (ours HWIO),
-linear layers [out, in] (ours [in, out]). Attention weights appear under the names of diffusers
->= 0.14 (`to_q`, `to_k`, `to_v`, `to_out.0`) or the older ones (`query`, `key`, `value`,
-`proj_attn`); both are read, the new ones written.
+10000^(-i / (half - 1)), GroupNorm eps 1e-6, one attention head over all channels, strided convs
+padded as TF's 'SAME'), as google/ddpm-cifar10-32 and the 256x256 DDPM models are. Every
+GroupNorm has `norm_num_groups` groups (DDPM's 32; ours `model.num_groups`): the middle block's
+attention takes them when `attn_norm_num_groups` is None (`UNetMidBlock2D`), the other attention
+blocks always do. Its weights map one to one onto ours (`key_map`): PyTorch convs are
+[out, in, kh, kw] (ours HWIO), linear layers [out, in] (ours [in, out]). Attention weights appear
+under the names of diffusers >= 0.14 (`to_q`, `to_k`, `to_v`, `to_out.0`) or the older ones
+(`query`, `key`, `value`, `proj_attn`); both are read, the new ones written.
 
 Class conditioning: ddpm_jax's conditional U-Net has K + 1 class-embedding rows, the last being
 classifier-free guidance's null class. diffusers' `num_class_embeds` has no such row by
@@ -53,7 +55,6 @@ REQUIRED = {
     "time_embedding_type": "positional",
     "flip_sin_to_cos": False,
     "freq_shift": 1,
-    "norm_num_groups": 32,
     "norm_eps": 1e-6,
     "act_fn": "silu",  # diffusers' "swish" is the same activation
     "downsample_padding": 0,
@@ -71,7 +72,6 @@ _WHY = {
     "time_embedding_type": "DDPM's sinusoidal timestep embedding",
     "flip_sin_to_cos": "the embedding is [sin, cos]",
     "freq_shift": "frequencies 10000^(-i / (half - 1))",
-    "norm_num_groups": "GroupNorm with 32 groups",
     "norm_eps": "GroupNorm epsilon 1e-6",
     "act_fn": "swish activations",
     "downsample_padding": "strided convs padded as TF's 'SAME' (right and bottom)",
@@ -110,7 +110,8 @@ def arch_from_unet_config(cfg: Mapping[str, Any], default_size: int | None = Non
   Returns:
     {"data.image_size", "data.num_channels", "model.ch", "model.ch_mult",
     "model.num_res_blocks", "model.attn_resolutions", "model.resamp_with_conv",
-    "model.dropout", "model.num_classes"} plus "out_channels" (C, or 2C for a learned variance).
+    "model.num_groups", "model.dropout", "model.num_classes"} plus "out_channels" (C, or 2C for
+    a learned variance).
   Raises:
     LayoutError: naming every field that has no ddpm_jax equivalent, with the value it needs.
   """
@@ -180,8 +181,15 @@ def arch_from_unet_config(cfg: Mapping[str, Any], default_size: int | None = Non
                       f"channels at {c} channels; DDPM has one head over all channels (null). "
                       'If the weights are DDPM\'s, set "attention_head_dim": null in config.json')
       break
-  if cfg["attn_norm_num_groups"] not in (None, 32):
-    problems.append(f"attn_norm_num_groups={cfg['attn_norm_num_groups']!r}: needs None or 32")
+  groups = cfg["norm_num_groups"]
+  # Each GroupNorm normalises a level's width or the sum of two: dividing the widths is enough.
+  if not isinstance(groups, int) or groups < 1 or any(c % groups for c in channels):
+    problems.append(f"norm_num_groups={groups!r}: needs a positive int that divides every "
+                    f"block_out_channels {list(channels)}")
+  if cfg["attn_norm_num_groups"] not in (None, groups):
+    problems.append(f"attn_norm_num_groups={cfg['attn_norm_num_groups']!r}: needs None or "
+                    f"{groups!r} (norm_num_groups: ddpm_jax's attention norms have the "
+                    "resnets' groups)")
   if cfg["time_embedding_dim"] not in (None, 4 * ch):
     problems.append(f"time_embedding_dim={cfg['time_embedding_dim']!r}: needs None or "
                     f"{4 * ch} (4 x block_out_channels[0])")
@@ -212,6 +220,7 @@ def arch_from_unet_config(cfg: Mapping[str, Any], default_size: int | None = Non
       "model.num_res_blocks": int(cfg["layers_per_block"]),
       "model.attn_resolutions": tuple(size // 2**level for level in attn_levels),
       "model.resamp_with_conv": True,
+      "model.num_groups": groups,
       "model.dropout": float(cfg["dropout"]),
       "model.num_classes": 0 if num_class_embeds is None else num_class_embeds - 1,
       "out_channels": c_out,
@@ -244,6 +253,7 @@ def unet_config_from_arch(fields: Mapping[str, Any]) -> dict:
       "up_block_types": ["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
       "dropout": fields["model.dropout"],
       "attention_head_dim": None,
+      "norm_num_groups": int(fields["model.num_groups"]),
       "attn_norm_num_groups": None,
       "time_embedding_dim": None,
       "num_class_embeds": num_classes + 1 if num_classes > 0 else None,

@@ -32,7 +32,8 @@ def _fields(config) -> dict:
   return {"data.image_size": d.image_size, "data.num_channels": d.num_channels, "model.ch": m.ch,
           "model.ch_mult": tuple(m.ch_mult), "model.num_res_blocks": m.num_res_blocks,
           "model.attn_resolutions": tuple(m.attn_resolutions),
-          "model.resamp_with_conv": m.resamp_with_conv, "model.dropout": m.dropout,
+          "model.resamp_with_conv": m.resamp_with_conv, "model.num_groups": m.num_groups,
+          "model.dropout": m.dropout,
           "model.num_classes": int(m.num_classes), "out_channels": channels}
 
 

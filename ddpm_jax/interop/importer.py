@@ -80,6 +80,7 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
         "model.num_res_blocks": arch["num_res_blocks"],
         "model.attn_resolutions": tuple(image_size // 2**lv for lv in arch["attn_levels"]),
         "model.resamp_with_conv": arch["resamp_with_conv"], "model.num_classes": 0,
+        "model.num_groups": 32,  # DDPM's GroupNorms
         **diffusers_scheduler.ddpm_published(image_size),
     }
     if arch["out_channels"] == 2 * arch["in_channels"]:

@@ -6,6 +6,7 @@ from ddpm_jax.models.noisy_classifier import NoisyClassifier
 from ddpm_jax.models.unet import DTYPES
 from ddpm_jax.models.unet import TinyUNet
 from ddpm_jax.models.unet import UNet
+from ddpm_jax.models.unet import group_norm_channels
 from ddpm_jax.models.unet import param_count
 from ddpm_jax.models.unet import param_shapes
 
@@ -14,6 +15,7 @@ __all__ = [
     "NoisyClassifier",
     "TinyUNet",
     "UNet",
+    "group_norm_channels",
     "param_count",
     "param_shapes",
 ]

@@ -43,8 +43,9 @@ class UNet(nn.Module):
     resamp_with_conv: Strided-conv downsampling and conv after upsampling, rather
       than avg-pool and plain nearest-neighbour repeat.
     out_channels: Output channels (2x the image channels for a learned variance).
-    num_groups: GroupNorm groups; 32 as in DDPM. Tiny test models use fewer
-      because every channel count (including skip concatenations) must divide.
+    num_groups: GroupNorm groups; 32 as in DDPM. It must divide every channel count the
+      GroupNorms see (`group_norm_channels`); tiny test models use fewer, so that each group
+      holds several channels.
     dtype: Compute dtype. Params, GroupNorm, softmax and the output stay float32.
     num_classes: 0 for an unconditional model (no class parameters at all, so unconditional
       checkpoints keep loading); K > 0 adds a learned class embedding with K + 1 rows, the last
@@ -168,6 +169,29 @@ class UNet(nn.Module):
 # (16, 32 and the concatenations 32, 48, 64). Pass out_channels when building it.
 TinyUNet = functools.partial(UNet, ch=16, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
                              dropout=0.0, resamp_with_conv=True, num_groups=8)
+
+
+def group_norm_channels(ch: int, ch_mult: tuple[int, ...],
+                        num_res_blocks: int) -> tuple[int, ...]:
+  """The channel counts the `UNet`'s GroupNorms normalise, sorted: each level's width ch * mult,
+  the stem's ch where a block reads it, and on the way up each concatenation of the running
+  activation with a skip (a sum of two widths). `num_groups` must divide all of them; the
+  `NoisyClassifier` (the encoder half) normalises a subset."""
+  skips, counts = [ch], set()
+  for level, mult in enumerate(ch_mult):
+    for _ in range(num_res_blocks):
+      counts |= {skips[-1], ch * mult}  # norm1 reads the input, norm2 and attention the output
+      skips.append(ch * mult)
+    if level != len(ch_mult) - 1:
+      skips.append(skips[-1])  # a Downsample keeps the channels
+  h = skips[-1]
+  counts.add(h)  # the middle block
+  for level in reversed(range(len(ch_mult))):
+    for _ in range(num_res_blocks + 1):
+      counts |= {h + skips.pop(), ch * ch_mult[level]}
+      h = ch * ch_mult[level]
+  counts.add(h)  # norm_out
+  return tuple(sorted(counts))
 
 
 def param_shapes(module: nn.Module, image_size: int, channels: int) -> Any:

@@ -7,14 +7,17 @@ into a temporary directory and renames it when complete, so a crash mid-save lea
 checkpoint as the newest complete one; `latest_step()` never returns a partial save.
 
 This module also owns what happens when a checkpoint does not restore (it is moved aside to
-`<step>.corrupt-<reason>`, never deleted, and the next newest is tried), the params-only restore
-of sample/eval, and the preemption guard (JAX's preemption sync point, or SIGTERM).
+`<step>.corrupt-<reason>-<tag>`, a name of its own, never deleted, and the next newest is
+tried), the params-only restore of sample/eval, and the preemption guard (JAX's preemption sync
+point, or SIGTERM).
 """
 
 import dataclasses
 import logging as py_logging
+import secrets
 import signal
 import threading
+import time
 
 from absl import logging
 from etils import epath
@@ -68,8 +71,13 @@ def create_manager(workdir: str, *, keep: int | None = 3, every: int = 1,
                    read_only: bool = False) -> ocp.CheckpointManager:
   """A manager keeping `keep` regular checkpoints (multiples of `every`); None keeps all."""
   policy = (preservation_lib.LatestN(n=None) if keep is None else KeepRegular(keep, every))
-  options = ocp.CheckpointManagerOptions(create=not read_only, read_only=read_only,
-                                         preservation_policy=policy)
+  # A kill mid-save leaves `<step>.orbax-checkpoint-tmp`: Orbax deletes such folders when a
+  # writing manager opens (before its first save). On a bucket a partial step is a folder without
+  # commit_success.txt, which a later save of that step replaces; it is left alone there, so
+  # that nothing can race with moving a broken checkpoint aside.
+  options = ocp.CheckpointManagerOptions(
+      create=not read_only, read_only=read_only, preservation_policy=policy,
+      cleanup_tmp_directories=not read_only and "://" not in str(workdir))
   registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
   registry.add("state", ocp.args.StandardSave, ocp.StandardCheckpointHandler)
   registry.add("state", ocp.args.StandardRestore, ocp.StandardCheckpointHandler)
@@ -94,10 +102,53 @@ def _state_item(state: TrainState, keep_none_phema: bool = False) -> dict:
   return item
 
 
+class CheckpointReadError(ValueError):
+  """A checkpoint's files are missing or damaged; the message names them and says what is wrong."""
+
+
+def _state_problem(path: epath.Path) -> str:
+  """Why the `state` item at `path` has no readable tree metadata, in words."""
+  if not path.exists():
+    return f"{path} is missing"
+  if not (path / "_METADATA").exists():
+    return f"{path / '_METADATA'} (the item's tree structure) is missing"
+  # The OCDBT array store's indexes: the item's own, and one per writing process. (A bucket
+  # path takes no recursive glob.)
+  manifests = [p for p in (path / "manifest.ocdbt", *(d / "manifest.ocdbt" for d in
+                                                     path.glob("ocdbt.process_*")))
+               if p.exists()]
+  if not manifests:
+    return f"{path} holds no manifest.ocdbt (the index of its array store)"
+  empty = [str(p) for p in manifests if not p.read_bytes()]  # an index is a few KB
+  if len(empty) == 1:
+    return f"{empty[0]} (the index of the array store) is empty"
+  if empty:
+    return f"{', '.join(empty)} (the indexes of the array store) are empty"
+  return f"the tree metadata in {path / '_METADATA'} is unreadable or damaged"
+
+
+def tree_metadata(path: epath.Path) -> dict:
+  """The tree of a `state` item's metadata ({field: subtree}), from Orbax's metadata only.
+
+  Raises:
+    CheckpointReadError: naming the file that is missing or damaged.
+  """
+  path = epath.Path(path)
+  try:
+    metadata = ocp.PyTreeCheckpointer().metadata(path)
+  except FileNotFoundError as error:
+    raise CheckpointReadError(f"{path}: a file is missing ({_reason(error)})") from None
+  item = getattr(metadata, "item_metadata", None)
+  tree = getattr(item, "tree", None)
+  if tree is None:
+    raise CheckpointReadError(_state_problem(path))
+  return tree
+
+
 def _stores_phema(manager: ocp.CheckpointManager, step: int) -> bool:
   """Whether checkpoint `step`'s state tree has a `phema` entry (Orbax's metadata only)."""
   path = epath.Path(manager.directory) / str(step) / "state"
-  return "phema" in ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+  return "phema" in tree_metadata(path)
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, data_iter=None) -> None:
@@ -158,13 +209,49 @@ def _reason(error: BaseException) -> str:
   return text[:200]
 
 
-def _slug(error: BaseException) -> str:
-  """The `<reason>` of `<step>.corrupt-<reason>`."""
+def _describe_failure(step_dir: epath.Path, error: BaseException) -> str:
+  """Why checkpoint `step_dir` did not restore, in words, naming the file at fault if known."""
+  if isinstance(error, CheckpointReadError):
+    return str(error)
+  if isinstance(error, FloatingPointError):
+    return f"{step_dir}: the restored state is not finite ({_reason(error)})"
+  try:  # the tree metadata first: without it Orbax fails with a structure error
+    tree_metadata(step_dir / "state")
+  except CheckpointReadError as problem:
+    return str(problem)
+  except Exception:  # pylint: disable=broad-except
+    pass
+  text = _reason(error)
   if isinstance(error, FileNotFoundError):
+    return text if str(step_dir) in text else f"{step_dir}: a file is missing ({text})"
+  if "reading array" in text:
+    return (f"{step_dir / 'state'}: an array cannot be read, a data file of the array store is "
+            f"truncated or damaged ({text})")
+  return f"{step_dir}: {text}"
+
+
+def _slug(error: BaseException, reason: str = "") -> str:
+  """The `<reason>` of `<step>.corrupt-<reason>-<tag>`."""
+  if isinstance(error, FileNotFoundError) or " is missing" in reason:
     return "missing-file"
   if isinstance(error, FloatingPointError):
     return "nonfinite"
   return "unreadable"
+
+
+def _aside_path(path: epath.Path, step: int, slug: str) -> epath.Path:
+  """`<step>.corrupt-<reason>-<tag>`: the tag (UTC time, random part) is new at every call, so a
+  step that breaks again after being rewritten is moved aside beside the first, not onto it.
+
+  Every process must agree on the name (process 0 renames, the others wait): the tag comes from
+  a broadcast when there are several.
+  """
+  tag = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + "-" + secrets.token_hex(3)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    codes = np.frombuffer(tag.encode("ascii"), np.uint8)
+    tag = bytes(multihost_utils.broadcast_one_to_all(codes)).decode("ascii")
+  return path.parent / f"{step}.corrupt-{slug}-{tag}"
 
 
 class _Quiet:
@@ -189,8 +276,10 @@ def restore_newest_good(manager: ocp.CheckpointManager, target: TrainState, data
   """Restores the newest checkpoint that restores; moves each broken newer one aside.
 
   A checkpoint that fails to restore (a truncated or missing file, a missing iterator state)
-  is logged in one line and renamed to `<step>.corrupt-<reason>`, outside Orbax's step names,
-  so the next newest becomes the newest. `check(state)` may reject a restored state too.
+  is logged in one line (the file that is missing or damaged, in words) and renamed to
+  `<step>.corrupt-<reason>-<tag>`, outside Orbax's step names, so the next newest becomes the
+  newest; the tag makes each such name new, however often the same step breaks.
+  `check(state)` may reject a restored state too.
 
   Returns:
     (state, step), or (None, None) when the directory holds no checkpoint at all.
@@ -207,10 +296,12 @@ def restore_newest_good(manager: ocp.CheckpointManager, target: TrainState, data
       return state, step
     except Exception as error:  # pylint: disable=broad-except
       path = epath.Path(manager.directory) / str(step)
-      aside = path.parent / f"{step}.corrupt-{_slug(error)}"
-      failures.append(f"step {step}: {_reason(error)} (moved to {aside})")
+      with _Quiet():
+        reason = _describe_failure(path, error)
+      aside = _aside_path(path, step, _slug(error, reason))
+      failures.append(f"step {step}: {reason} (moved to {aside})")
       logging.warning("Checkpoint %s does not restore (%s); moving it to %s and trying the next "
-                      "newest.", path, _reason(error), aside)
+                      "newest.", path, reason, aside)
       if jax.process_index() == 0:
         path.rename(aside)
       if jax.process_count() > 1:
@@ -276,7 +367,7 @@ def check_params(workdir: str, abstract_params, use_ema: bool = True, hint: str 
   name = "ema_params" if use_ema else "params"
   path = checkpoint_dir(workdir) / str(step) / "state"
   with _Quiet():  # checkpoints written before Orbax's metadata file was added warn
-    tree = ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    tree = tree_metadata(path)
   if name not in tree:
     raise ValueError(f"The checkpoint at step {step} in {checkpoint_dir(workdir)} holds no "
                      f"{name!r} (it has {sorted(tree)}).")
@@ -307,9 +398,16 @@ def restore_params(workdir: str, abstract_params, use_ema: bool = True, hint: st
   restore_args = jax.tree.map(
       lambda a: ocp.ArrayRestoreArgs(sharding=a.sharding, global_shape=a.shape, dtype=a.dtype),
       abstract_params)
-  with _Quiet():
-    restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
-        item={name: abstract_params}, restore_args={name: restore_args}, partial_restore=True))
+  try:
+    with _Quiet():
+      restored = checkpointer.restore(path, args=ocp.args.PyTreeRestore(
+          item={name: abstract_params}, restore_args={name: restore_args},
+          partial_restore=True))
+  except Exception as error:  # pylint: disable=broad-except
+    with _Quiet():
+      reason = _describe_failure(path.parent, error)
+    raise CheckpointReadError(f"The {name} of checkpoint step {step} do not restore: "
+                              f"{reason}") from error
   return restored[name], step
 
 

@@ -20,7 +20,8 @@ from absl import logging
 from etils import epath
 import ml_collections
 
-# Fields that change the params' shapes (model.dropout and model.dtype do not).
+# Every model field is architecture (it changes the params' shapes, or as model.num_groups the
+# function they define) except the dropout rate and the compute dtype.
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
 _ARCHITECTURE_EXTRA = ("data.image_size", "data.num_channels", "training.objective")
 # Fields whose change makes the checkpoint's optimiser or importance state another pytree.
@@ -58,7 +59,7 @@ _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "sampling.cond_aug": 0.0, "restore.task": "sr2", "restore.method": "ddnm",
                  "restore.sigma_y": 0.0, "restore.input": "", "restore.input_kind": "truth",
                  "restore.mask": "random_half", "restore.sigma_data": 1.0,
-                 "restore.num_images": 16, "cascade.base_workdir": ""}
+                 "restore.num_images": 16, "cascade.base_workdir": "", "model.num_groups": 32}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
@@ -190,4 +191,15 @@ def record(config: ml_collections.ConfigDict, workdir: str, resume_step: int | N
     name = f"config_resume_{resume_step or 0}.json"
   else:
     name = "config.json"
-  (root / name).write_text(config_to_json(config))
+  path, text = root / name, config_to_json(config)
+  if "://" in str(workdir):
+    path.write_text(text)  # one object put: all of it or nothing
+    return
+  # Whole or absent, never cut short by a kill: config.json is never rewritten, and every later
+  # start reads it.
+  tmp = path.with_name(path.name + ".tmp")
+  with open(os.fspath(tmp), "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)

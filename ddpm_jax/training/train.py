@@ -109,6 +109,30 @@ def _restored_is_finite(state) -> None:
     raise FloatingPointError("non-finite params or EMA")
 
 
+def _recover_snapshots(config, workdir: str, state, restored_step: int | None) -> None:
+  """Puts right what kills left in <workdir>/phema, before the first step (process 0 only).
+
+  Snapshots of steps after the resumed one are set aside (they belong to a trajectory that is
+  replayed) under names of this restart's own; temporaries of writes cut short are deleted; and
+  the resumed checkpoint's own snapshot, when a kill came between the checkpoint and it, is
+  written from the restored state (bitwise what it would have held).
+  """
+  step = int(jax.device_get(state.step))
+  for path in posthoc_ema_io.set_aside_after(workdir, step):
+    logging.warning("A post-hoc EMA snapshot newer than the resumed step %d is set aside as %s.",
+                    step, path)
+  for path in posthoc_ema_io.remove_temporaries(workdir):
+    logging.info("Deleted %s, the temporary file of a snapshot write cut short.", path)
+  tc = config.training
+  # A checkpoint off the checkpoint_every grid was a final (or preemption) one, with a snapshot.
+  due = step % posthoc_ema_io.snapshot_every(config) == 0 or step % tc.checkpoint_every != 0
+  if restored_step is not None and due and not posthoc_ema_io.snapshot_path(workdir, step).exists():
+    logging.warning("Post-hoc EMA snapshot of step %d is missing (the run stopped between the "
+                    "checkpoint and the snapshot): writing it from the checkpoint.", step)
+    posthoc_ema_io.write_snapshot(workdir, step, state.phema, tc.phema_sigma_rels,
+                                  state.phema_gammas)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                        sigterm: threading.Event | None = None) -> dict:
   """Trains to `config.training.num_train_steps`; returns the final metrics (and eval report).
@@ -166,9 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Post-hoc EMA snapshots (<workdir>/phema, see posthoc_ema_io); 0 when off.
   phema_every = posthoc_ema_io.snapshot_every(config) if state.phema is not None else 0
   if phema_every and jax.process_index() == 0:
-    for path in posthoc_ema_io.set_aside_after(workdir, step):
-      logging.warning("Post-hoc EMA snapshot %s is newer than the resumed step %d: set aside.",
-                      path, step)
+    _recover_snapshots(config, workdir, state, restored_step)
 
   train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
   # A noise-conditional classifier (training.objective) has no samples to show or score.
