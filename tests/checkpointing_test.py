@@ -22,19 +22,12 @@ from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
 from ddpm_jax.training import train
 
-import helpers
 from helpers import checkpoint_entries
 from helpers import restore_state
 from helpers import tiny_config
 
 STEPS = {"training.num_train_steps": 15, "training.checkpoint_every": 5,
          "training.log_every": 5}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 ddpm_jax/evaluation/drivers.py)."""
 
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -119,9 +118,10 @@ def test_bad_edit_input_fails_naming_what_was_expected(tmp_path):
 def test_end_to_end_conditional_train_sample_and_edit(tmp_path):
   workdir = str(tmp_path / "run")
   cond = {"model.num_classes": 10, "training.num_train_steps": 4}
-  env = helpers.subprocess_env(1)
-  subprocess.run(helpers.main_command(workdir, **cond), env=env, check=True, cwd=helpers.REPO_ROOT,
-                 capture_output=True)
+  # The command lines, run in-process (helpers.run_main): the CLI's flags and dispatch without a
+  # child process's start-up.
+  proc = helpers.run_main(helpers.main_command(workdir, **cond))
+  assert proc.returncode == 0, proc.stderr[-3000:]
   np.savez(tmp_path / "in.npz", images=np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1),
                                                                             dtype=np.uint8))
   runs = {
@@ -135,8 +135,7 @@ def test_end_to_end_conditional_train_sample_and_edit(tmp_path):
                  "--config.sampling.sampler=ddim"],
   }
   for name, flags in runs.items():
-    proc = subprocess.run(helpers.main_command(workdir, *flags, **cond), env=env,
-                          cwd=helpers.REPO_ROOT, capture_output=True, text=True)
+    proc = helpers.run_main(helpers.main_command(workdir, *flags, **cond))
     assert proc.returncode == 0, (name, proc.stderr[-3000:])
   edits = sorted(os.listdir(os.path.join(workdir, "edits")))
   assert any(e.startswith("inpaint") and e.endswith(".png") for e in edits)
@@ -145,7 +144,6 @@ def test_end_to_end_conditional_train_sample_and_edit(tmp_path):
       "inpaint") and e.endswith(".npz"))))
   known = np.broadcast_to(inpainted["mask"][..., None] > 0, inpainted["input"].shape)
   np.testing.assert_array_equal(inpainted["output"][known], inpainted["input"][known])
-  bad = subprocess.run(helpers.main_command(workdir, "--mode=sample",
-                                            "--config.sampling.class_label=10", **cond),
-                       env=env, cwd=helpers.REPO_ROOT, capture_output=True, text=True)
+  bad = helpers.run_main(helpers.main_command(workdir, "--mode=sample",
+                                             "--config.sampling.class_label=10", **cond))
   assert bad.returncode != 0 and "valid labels are 0..9" in bad.stderr

@@ -23,7 +23,6 @@ from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import train
 from ddpm_jax.training import train_step as train_step_lib
 
-import helpers
 from helpers import checkpoint_entries
 from helpers import read_metrics
 from helpers import restore_state
@@ -31,12 +30,6 @@ from helpers import tiny_config
 
 IMPORTED_STEP = 700  # any step: the importer keeps the source's
 CLASSIFIER = {"training.objective": "classifier", "model.num_classes": 10}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
-    yield
 
 
 def _leaves(tree) -> dict:

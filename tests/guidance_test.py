@@ -1,7 +1,6 @@
 """Classifier-free and classifier guidance wrappers (ddpm_jax/sampling/guidance.py)."""
 
 import os
-import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -216,9 +215,7 @@ def test_classifier_objective_and_guidance_fail_before_compile(tmp_path):
 
 @pytest.mark.slow
 def test_end_to_end_train_classifier_and_sample_with_classifier_guidance(tmp_path):
-  env = helpers.subprocess_env(1)
-  run = lambda cmd: subprocess.run(cmd, env=env, cwd=helpers.REPO_ROOT, capture_output=True,
-                                   text=True)
+  run = helpers.run_main  # the command lines in-process: flags and dispatch, no start-up
   steps = {"training.num_train_steps": 3}
   cls_dir, gen_dir = str(tmp_path / "classifier"), str(tmp_path / "uncond")
   for workdir, extra in [(cls_dir, CLASSIFIER), (gen_dir, {})]:

@@ -6,6 +6,8 @@ The tiny settings live in one flat dict, `TINY`, so that the in-process tests
 
 import contextlib
 import dataclasses
+import importlib
+import inspect
 import io
 import os
 import subprocess
@@ -99,25 +101,30 @@ class Completed:
   stderr: str
 
 
-def run_main(command: list[str]) -> Completed:
-  """Runs `python -m ddpm_jax.main ...` (`main_command`'s list, or only its flags) in this process.
+def run_main(command: list[str], module: str = "ddpm_jax.main") -> Completed:
+  """Runs `python -m MODULE ...` (`main_command`'s list, or only its flags) in this process.
 
-  The flags are parsed on a FlagValues of their own and `main.main` dispatches them, as the
-  program does; what a child process would add is its start-up (about 10 s of imports and a
-  cold compile), which only the tests of the program itself (main_test.py, multihost_test.py)
-  pay for. An exception or a sys.exit becomes a non-zero return code with the message and its
-  traceback on `stderr`. It runs on this process's 4 simulated devices.
+  MODULE is one of the entry points (ddpm_jax.main, .import_checkpoint, .export_checkpoint,
+  .posthoc_ema, .pack_folder). Its flags are parsed on a FlagValues of their own and its `main`
+  runs them, as the program does; what a child process would add is its start-up (about 10 s of
+  imports and a cold compile), which only the tests of the programs themselves (main_test.py,
+  multihost_test.py, gcs_test.py) pay for. An exception or a sys.exit becomes a non-zero return
+  code with the message and its traceback on `stderr`. It runs on this process's 4 simulated
+  devices.
   """
-  from ddpm_jax import main  # pylint: disable=g-import-not-at-top
-  if command[:3] == [sys.executable, "-m", "ddpm_jax.main"]:
+  entry = importlib.import_module(module)
+  if command[:3] == [sys.executable, "-m", module]:
     command = command[3:]
-  argv = ["ddpm_jax.main", *command]
+  argv = [module, *command]
   out, err, code = io.StringIO(), io.StringIO(), 0
   with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
     try:
       flag_values = flags.FlagValues()
-      args = main.define_flags(flag_values, sys_argv=argv)
-      main.main(flag_values(argv), args)
+      if "sys_argv" in inspect.signature(entry.define_flags).parameters:
+        args = entry.define_flags(flag_values, sys_argv=argv)
+      else:
+        args = entry.define_flags(flag_values)
+      entry.main(flag_values(argv), args)
     except SystemExit as e:
       code = e.code if isinstance(e.code, int) else 1
       if not isinstance(e.code, int) and e.code is not None:

@@ -8,7 +8,6 @@ scales and the zero-initialised output conv included), saved in each layout the 
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import diffusers
@@ -514,16 +513,17 @@ def test_command_line_import_then_sample(tmp_path, digits_unet):
   """docs/published_models.md's commands: import a folder, then --mode=sample on its config."""
   src = save(digits_unet, linear_scheduler(), str(tmp_path / "src"), "flat")
   workdir = str(tmp_path / "W")
-  env = {**os.environ, "PYTHONPATH": helpers.REPO_ROOT}
-  out = subprocess.run([sys.executable, "-m", "ddpm_jax.import_checkpoint", f"--src={src}",
-                        f"--workdir={workdir}", "--config=configs/digits.py"],
-                       cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+  # The two programs in-process (helpers.run_main): their flags and `main`, no start-up.
+  configs = os.path.join(helpers.REPO_ROOT, "configs")
+  out = helpers.run_main([f"--src={src}", f"--workdir={workdir}", f"--config={configs}/digits.py"],
+                         module="ddpm_jax.import_checkpoint")
+  assert out.returncode == 0, out.stderr[-3000:]
   assert "Imported 701,345 parameters" in out.stdout
-  subprocess.run([sys.executable, "-m", "ddpm_jax.main", f"--config=configs/workdir.py:{workdir}",
-                  f"--workdir={workdir}", "--mode=sample", "--config.sampling.num_samples=8",
-                  "--config.sampling.batch_size=8", "--config.sampling.num_steps=4",
-                  "--config.sampling.trajectory_every=0"],
-                 cwd=helpers.REPO_ROOT, env=env, capture_output=True, text=True, check=True)
+  sampled = helpers.run_main([f"--config={configs}/workdir.py:{workdir}", f"--workdir={workdir}",
+                              "--mode=sample", "--config.sampling.num_samples=8",
+                              "--config.sampling.batch_size=8", "--config.sampling.num_steps=4",
+                              "--config.sampling.trajectory_every=0"])
+  assert sampled.returncode == 0, sampled.stderr[-3000:]
   with np.load(os.path.join(workdir, "samples", "dpm_solver_pp_sde_4_step0.npz")) as f:
     assert f["samples"].shape == (8, 8, 8, 1) and f["samples"].dtype == np.uint8
 

@@ -37,12 +37,6 @@ PHEMA = {"training.phema_sigma_rels": SIGMA_RELS, "training.phema_snapshot_every
          "training.checkpoint_every": 20, "training.log_every": 10}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
-    yield
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
   """An uninterrupted 40-step run (snapshots at 2, 4, ..., 40; checkpoints at 20 and 40)."""

@@ -274,6 +274,9 @@ def test_a_kill_while_the_config_is_recorded_leaves_no_partial_record(tmp_path, 
   assert os.listdir(tmp_path) == ["config.json"]
 
 
+# A failed Orbax restore can leave an asyncio callback that fires after its loop closed (what
+# checkpointing._Quiet keeps out of the log); it is harmless.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize("phema", [False, True])
 def test_a_checkpoint_broken_twice_is_set_aside_twice_with_the_reason_in_words(tmp_path, caplog,
                                                                                phema):

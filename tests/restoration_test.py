@@ -9,7 +9,9 @@ are drawn for that one y. The posterior is
     SD^2 I - SD^4 A^T (SD^2 A A^T + sigma_y^2 I)^-1 A).
 
 For this prior both solvers (with sigma_data = SD) give the exact E[x0 | x_t, y], so every sampler
-draws from the exact posterior up to its discretisation. Tolerances: the sample mean within 5
+draws from the exact posterior up to its discretisation. (restoration_samplers_test.py runs
+every sampler on every schedule against the same posterior, in a file of its own so that the
+two test workers share the work.) Tolerances: the sample mean within 5
 standard errors of the posterior mean per pixel (the samplers' steps are affine in x here, so
 they move the mean exactly), and the sample covariance C^ within 1.5 times its expected sampling
 error plus DISC_TOL of the closed form C, in relative Frobenius norm: E||C^ - C||^2 =
@@ -30,6 +32,9 @@ from ddpm_jax.core import noise_levels
 from ddpm_jax.core import schedules
 from ddpm_jax.sampling import editing
 from ddpm_jax.sampling import restoration
+
+# The samplers here run far longer than they compile (16,384 images per posterior).
+pytestmark = pytest.mark.usefixtures("optimized_xla")
 
 SD = 0.5
 B = 16384
@@ -115,24 +120,6 @@ def _check(samples, mean, cov):
 @pytest.mark.parametrize("task", degradations.TASKS)
 def test_every_task_samples_the_gaussian_posterior(task, method, sigma_y):
   samples, mean, cov, *_ = _run(task, method, sigma_y)
-  _check(samples, mean, cov)
-
-
-@pytest.mark.slow  # 52 posteriors of 16,384 (ancestral: 4,096) samples: about 8 CPU-minutes
-@pytest.mark.parametrize("schedule", ["linear", "cosine", "edm"])
-@pytest.mark.parametrize("sampler", sampling.SAMPLERS)
-@pytest.mark.parametrize("method", restoration.METHODS)
-def test_every_sampler_and_schedule_samples_the_posterior(sampler, schedule, method):
-  if sampler == "ancestral" and schedule == "edm":
-    pytest.skip("EDM's ladder is for the sigma-space samplers and DDIM.")
-  # First-order samplers need more steps for the covariance: DDIM-50 has 7% too little variance
-  # on this prior (0.233 vs 0.25), DDIM-200 2%.
-  first_order = ("ddim", "euler", "euler_ancestral")
-  steps = None if sampler == "ancestral" else 200 if sampler in first_order else 50
-  # The ancestral sampler walks all 1,000 steps: a quarter of the batch keeps it fast.
-  batch = B // 4 if sampler == "ancestral" else B
-  samples, mean, cov, *_ = _run("sr2", method, 0.1, sampler, schedule, num_steps=steps,
-                                batch=batch)
   _check(samples, mean, cov)
 
 

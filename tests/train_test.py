@@ -1,8 +1,8 @@
 """Tests for ddpm_jax.train and ddpm_jax.train_step on a tiny U-Net and 4 simulated CPU devices.
 
 Each `train_and_evaluate` call compiles the same few programs again (its step is a new closure),
-so the module shares a persistent compilation cache, and one 20-step run (the `reference_run`
-fixture) serves both the resume test and the logging test.
+so they load from the session's persistent compilation cache (conftest.py), and one 20-step run
+(the `reference_run` fixture) serves both the resume test and the logging test.
 """
 
 import collections
@@ -29,19 +29,12 @@ from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import train
 from ddpm_jax.training import train_step as train_step_lib
 
-import helpers
 from helpers import checkpoint_entries
 from helpers import read_metrics
 from helpers import restore_state
 from helpers import tiny_config
 
 NUM_DEVICES = 4  # set by conftest.py
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
-    yield
-
-
 def _make_state_and_step(config, mesh):
   """The train state and step exactly as train_and_evaluate builds them, on `mesh`."""
   model = factories.create_model(config)
@@ -332,6 +325,7 @@ def test_unknown_dataset_is_named_before_any_metric_check(tmp_path, monkeypatch)
     train.train_and_evaluate(config, str(tmp_path / "run"))
 
 
+@pytest.mark.usefixtures("optimized_xla")  # 2 x 360 examples x T = 20 U-Net calls: run-bound
 def test_bits_per_dim_over_an_uneven_last_batch_is_the_mean_over_real_examples():
   from ddpm_jax.core import losses  # pylint: disable=g-import-not-at-top
   from ddpm_jax.evaluation import quality  # pylint: disable=g-import-not-at-top

@@ -134,10 +134,13 @@ def tree_metadata(path: epath.Path) -> dict:
     CheckpointReadError: naming the file that is missing or damaged.
   """
   path = epath.Path(path)
+  checkpointer = ocp.PyTreeCheckpointer()
   try:
-    metadata = ocp.PyTreeCheckpointer().metadata(path)
+    metadata = checkpointer.metadata(path)
   except FileNotFoundError as error:
     raise CheckpointReadError(f"{path}: a file is missing ({_reason(error)})") from None
+  finally:
+    checkpointer.close()
   item = getattr(metadata, "item_metadata", None)
   tree = getattr(item, "tree", None)
   if tree is None:
