@@ -40,6 +40,9 @@ def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> types.SimpleNam
       use_sigma_rels=flags.DEFINE_list("use_sigma_rels", None, "Combine only the tracked EMAs "
                                        "of these sigma_rels (default: all).", flag_values=f),
       list=flags.DEFINE_bool("list", False, "Only list the run's snapshots.", flag_values=f),
+      allow_extrapolation=flags.DEFINE_bool(
+          "allow_extrapolation", False, "Build a --sigma_rel outside the tracked widths anyway "
+          "(an extrapolation: the run warns with the coefficients it used).", flag_values=f),
   )
   flags.mark_flags_as_required(["workdir"], flag_values=f)
   return args
@@ -65,7 +68,8 @@ def main(argv, args: types.SimpleNamespace):
   use = None if use is None else [float(s) for s in use]
   record = posthoc_ema_io.write_reconstruction(args.workdir.value, args.out.value,
                                                args.sigma_rel.value, step=args.step.value,
-                                               use_sigma_rels=use)
+                                               use_sigma_rels=use,
+                                               allow_extrapolation=args.allow_extrapolation.value)
   files = len({s["step"] for s in record["sources"]})
   print(f"Rebuilt the EMA of sigma_rel {record['sigma_rel']:g} (gamma {record['gamma']:.3f}) at "
         f"step {record['step']} of {args.workdir.value} from {len(record['sources'])} tracked EMAs "
