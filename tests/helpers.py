@@ -220,27 +220,6 @@ def restore_state(config, workdir, data_iter=None, step: int | None = None):
     manager.close()
 
 
-_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-                  "jax_persistent_cache_min_entry_size_bytes")
-
-
-@contextlib.contextmanager
-def persistent_compilation_cache(cache_dir: str):
-  """Caches every compiled program in `cache_dir` (about a third of a trainer test module's CPU)."""
-  from jax.experimental.compilation_cache import compilation_cache  # pylint: disable=g-import-not-at-top
-  saved = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
-  jax.config.update("jax_compilation_cache_dir", cache_dir)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-  compilation_cache.reset_cache()  # JAX decides once per process whether to use the cache
-  try:
-    yield
-  finally:
-    for name, value in saved.items():
-      jax.config.update(name, value)
-    compilation_cache.reset_cache()
-
-
 class FakeInception:
   """A fixed random projection of the pixels, standing in for Inception's pool3 and logits.
 

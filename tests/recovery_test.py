@@ -50,12 +50,6 @@ PHEMA = {"training.phema_sigma_rels": SIGMA_RELS, "training.phema_snapshot_every
          "training.num_train_steps": 12}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-  with helpers.persistent_compilation_cache(str(tmp_path_factory.mktemp("xla_cache"))):
-    yield
-
-
 def _leaves(tree) -> dict:
   return {jax.tree_util.keystr(p): np.asarray(x)
           for p, x in jax.tree_util.tree_leaves_with_path(tree)}

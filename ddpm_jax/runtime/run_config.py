@@ -20,6 +20,8 @@ from absl import logging
 from etils import epath
 import ml_collections
 
+from ddpm_jax.runtime import staging
+
 # Every model field is architecture (it changes the params' shapes, or as model.num_groups the
 # function they define) except the dropout rate and the compute dtype.
 _NOT_ARCHITECTURE = ("model.dropout", "model.dtype")
@@ -192,7 +194,7 @@ def record(config: ml_collections.ConfigDict, workdir: str, resume_step: int | N
   else:
     name = "config.json"
   path, text = root / name, config_to_json(config)
-  if "://" in str(workdir):
+  if staging.is_remote(workdir):
     path.write_text(text)  # one object put: all of it or nothing
     return
   # Whole or absent, never cut short by a kill: config.json is never rewritten, and every later

@@ -109,7 +109,8 @@ def _restored_is_finite(state) -> None:
     raise FloatingPointError("non-finite params or EMA")
 
 
-def _recover_snapshots(config, workdir: str, state, restored_step: int | None) -> None:
+def _recover_snapshots(config, workdir: str, state, step: int,
+                       restored_step: int | None) -> None:
   """Puts right what kills left in <workdir>/phema, before the first step (process 0 only).
 
   Snapshots of steps after the resumed one are set aside (they belong to a trajectory that is
@@ -117,7 +118,6 @@ def _recover_snapshots(config, workdir: str, state, restored_step: int | None) -
   the resumed checkpoint's own snapshot, when a kill came between the checkpoint and it, is
   written from the restored state (bitwise what it would have held).
   """
-  step = int(jax.device_get(state.step))
   for path in posthoc_ema_io.set_aside_after(workdir, step):
     logging.warning("A post-hoc EMA snapshot newer than the resumed step %d is set aside as %s.",
                     step, path)
@@ -190,7 +190,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # Post-hoc EMA snapshots (<workdir>/phema, see posthoc_ema_io); 0 when off.
   phema_every = posthoc_ema_io.snapshot_every(config) if state.phema is not None else 0
   if phema_every and jax.process_index() == 0:
-    _recover_snapshots(config, workdir, state, restored_step)
+    _recover_snapshots(config, workdir, state, step, restored_step)
 
   train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
   # A noise-conditional classifier (training.objective) has no samples to show or score.
