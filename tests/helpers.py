@@ -135,23 +135,20 @@ def run_main(command: list[str], module: str = "ddpm_jax.main") -> Completed:
   return Completed(code, out.getvalue(), err.getvalue())
 
 
-def subprocess_env(num_devices: int, compilation_cache_dir=None) -> dict:
+def subprocess_env(num_devices: int) -> dict:
   """A child JAX process on `num_devices` simulated CPU devices with fast compiles.
 
-  Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out.
+  Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out. They
+  do inherit the session's persistent compilation cache (conftest.py sets
+  JAX_COMPILATION_CACHE_DIR in the environment), so a program that a test, another child or a
+  resumed job already compiled with the same flags is loaded rather than compiled again.
 
   Args:
     num_devices: simulated CPU devices of the child.
-    compilation_cache_dir: a persistent compilation cache for every program, so that a job
-      that runs again (a resume) loads what the first one compiled.
   """
   env = dict(os.environ)
   env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
              JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
-  if compilation_cache_dir is not None:
-    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache_dir),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-               JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
   return env
 
 

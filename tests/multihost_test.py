@@ -75,7 +75,7 @@ def _logged_loss(log: str, step: int) -> str:
 def test_two_processes_train_checkpoint_resume_and_stop_together(tmp_path):
   """Preemption: JAX's sync point stops both processes at one step with one complete
   checkpoint, exit status 75, and a resumed run matches an uninterrupted one bit for bit."""
-  workdir, env = tmp_path / "run", subprocess_env(2, compilation_cache_dir=tmp_path / "cache")
+  workdir, env = tmp_path / "run", subprocess_env(2)
   with spawned(_commands(workdir, 4, checkpoint_every=2), env, tmp_path / "first") as procs:
     logs = _finish(procs, tmp_path / "first")
 
@@ -263,9 +263,9 @@ def test_each_process_writes_only_its_own_samples(tmp_path):
   np.testing.assert_array_equal(union, whole)
 
 
-def _run_one_process(workdir, num_devices: int, env_dir, **overrides) -> None:
+def _run_one_process(workdir, num_devices: int, **overrides) -> None:
   command = main_command(workdir, **{"training.log_every": 1, **overrides})
-  result = subprocess.run(command, env=subprocess_env(num_devices, compilation_cache_dir=env_dir),
+  result = subprocess.run(command, env=subprocess_env(num_devices),
                           capture_output=True, text=True, timeout=TIMEOUT_S, check=False)
   assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
@@ -274,16 +274,16 @@ def _run_one_process(workdir, num_devices: int, env_dir, **overrides) -> None:
 def test_elastic_resume_on_other_topologies_matches_the_uninterrupted_run(tmp_path):
   """2 processes x 2 devices train to step 3; the run then finishes on 1 x 4 and on 1 x 2, and
   both match an uninterrupted 1 x 4 run: the data order and the iterator state are global."""
-  steps, cache = {"training.num_train_steps": 6, "training.checkpoint_every": 3}, tmp_path / "c"
+  steps = {"training.num_train_steps": 6, "training.checkpoint_every": 3}
   reference = tmp_path / "reference"
-  _run_one_process(reference, 4, cache, **steps)
+  _run_one_process(reference, 4, **steps)
 
   first = tmp_path / "first"
   commands = [main_command(first, f"--coordinator_address=127.0.0.1:{port}",
                            f"--num_processes={NUM_PROCESSES}", f"--process_id={index}",
                            **{**steps, "training.num_train_steps": 3, "training.log_every": 1})
               for port in [portpicker.pick_unused_port()] for index in range(NUM_PROCESSES)]
-  env = subprocess_env(2, compilation_cache_dir=cache)
+  env = subprocess_env(2)
   with spawned(commands, env, tmp_path / "logs") as procs:
     _finish(procs, tmp_path / "logs")
   # One topology-free iterator state, written by process 0.
@@ -302,7 +302,7 @@ def test_elastic_resume_on_other_topologies_matches_the_uninterrupted_run(tmp_pa
   for num_devices in (4, 2):
     workdir = tmp_path / f"resumed_{num_devices}"
     shutil.copytree(first, workdir)
-    _run_one_process(workdir, num_devices, cache, **steps)
+    _run_one_process(workdir, num_devices, **steps)
     losses = {m["step"]: m["loss"] for m in read_metrics(workdir)}
     assert sorted(losses) == sorted(want_losses), num_devices
     np.testing.assert_allclose([losses[k] for k in sorted(losses)],

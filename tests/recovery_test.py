@@ -200,7 +200,7 @@ def test_real_sigkills_before_the_first_checkpoint_then_a_run_like_the_reference
   config, reference_dir = reference
   workdir = str(tmp_path / "run")
   phema_dir = posthoc_ema_io.snapshot_dir(workdir)
-  env = helpers.subprocess_env(4, compilation_cache_dir=tmp_path / "xla_cache")
+  env = helpers.subprocess_env(4)
   long_run = {**PHEMA, "training.num_train_steps": 100_000, "training.checkpoint_every": 50_000}
   snapshots = lambda: {n for n in os.listdir(phema_dir) if n.endswith(".safetensors")} \
       if phema_dir.exists() else set()
