@@ -167,7 +167,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
   R^{-1} is similar to the PSD matrix R S2 R (for singular S1 by continuity), so both have the
   same eigenvalues, and two symmetric eigendecompositions give the trace. TTUR and pytorch-fid
   take a general (Schur) ``sqrtm`` of S1 S2 instead: the same value to float rounding on
-  full-rank covariances, about 7x slower at Inception's 2,048 features (16-22 s on two cores),
+  full-rank covariances, 5-8x slower at Inception's 2,048 features (benchmarks/fid_trace.py),
   and complex or non-finite when the covariances are singular (fewer images than features). Here
   eigenvalues below zero are round-off of a PSD matrix and count as zero, so the result is real
   and finite for any covariances.
