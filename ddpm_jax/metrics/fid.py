@@ -206,10 +206,9 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
 
 
 def frechet_distance_from_stats(stats1: FeatureStats,
-                                stats2: FeatureStats, **kwargs) -> float:
+                                stats2: FeatureStats) -> float:
   """``frechet_distance`` between two ``FeatureStats``."""
-  return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma,
-                          **kwargs)
+  return frechet_distance(stats1.mu, stats1.sigma, stats2.mu, stats2.sigma)
 
 
 def inception_score(logits_or_probs, num_splits: int = 10,

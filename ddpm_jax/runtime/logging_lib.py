@@ -25,6 +25,8 @@ import jax
 import numpy as np
 import tqdm
 
+from ddpm_jax.runtime import staging
+
 METRICS_DIR = "metrics"
 LEGACY_METRICS = "metrics.jsonl"  # the single appended file of earlier versions (read only)
 CHUNK_RECORDS = 256  # records per object: bounds the bytes rewritten per log line
@@ -35,20 +37,6 @@ _SEGMENT_RE = re.compile(r"segment_(\d+)_(\d+)_(\d+)\.jsonl")
 _REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 _OWN_DIRS = tuple(os.path.join(_REPO_ROOT, d) + os.sep
                   for d in ("ddpm_jax", "experiments", "configs", "benchmarks"))
-
-
-def _is_remote(path) -> bool:
-  return "://" in str(path)
-
-
-def _write_whole(path: epath.Path, text: str) -> None:
-  """Replaces `path` in one step: one object put on a store, write + rename on a local disk."""
-  if _is_remote(path):
-    path.write_text(text)
-  else:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def read_metrics(workdir) -> list[dict]:
@@ -105,7 +93,7 @@ class MetricWriter:
     self._chunk = 0
     self._tb_dest = self._workdir / "tb"
     self._tb_dest.mkdir(parents=True, exist_ok=True)
-    self._staging = tempfile.mkdtemp(prefix="ddpm_tb_") if _is_remote(workdir) else None
+    self._staging = tempfile.mkdtemp(prefix="ddpm_tb_") if staging.is_remote(workdir) else None
     self._tb = SummaryWriter(self._staging or str(self._tb_dest))
     self._uploaded_at = time.monotonic()
 
@@ -119,7 +107,7 @@ class MetricWriter:
       self._chunk, self._records = self._chunk + 1, []
     self._records.append(json.dumps({"step": step, "time": time.time(), **scalars}))
     name = f"{self._segment}_{self._chunk:06d}.jsonl"
-    _write_whole(self._workdir / METRICS_DIR / name, "\n".join(self._records) + "\n")
+    staging.write_whole(self._workdir / METRICS_DIR / name, "\n".join(self._records) + "\n")
     self._maybe_upload_tb()
 
   def write_image(self, step: int, tag: str, image_uint8: np.ndarray) -> None:

@@ -114,7 +114,7 @@ def record_dir(workdir: str) -> str | None:
   if (epath.Path(workdir) / "config.json").exists():
     return workdir
   link = os.path.join(workdir, "checkpoints")
-  if "://" not in workdir and os.path.islink(link):
+  if not staging.is_remote(workdir) and os.path.islink(link):
     source = os.path.dirname(os.path.realpath(link))
     if os.path.exists(os.path.join(source, "config.json")):
       return source
@@ -193,15 +193,6 @@ def record(config: ml_collections.ConfigDict, workdir: str, resume_step: int | N
     name = f"config_resume_{resume_step or 0}.json"
   else:
     name = "config.json"
-  path, text = root / name, config_to_json(config)
-  if staging.is_remote(workdir):
-    path.write_text(text)  # one object put: all of it or nothing
-    return
   # Whole or absent, never cut short by a kill: config.json is never rewritten, and every later
   # start reads it.
-  tmp = path.with_name(path.name + ".tmp")
-  with open(os.fspath(tmp), "w", encoding="utf-8") as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  staging.write_whole(root / name, config_to_json(config))

@@ -26,6 +26,24 @@ def is_remote(path) -> bool:
   return "://" in str(path)
 
 
+def write_whole(path, text: str) -> None:
+  """Replaces the file `path` with `text` whole or not at all, even if the process is killed.
+
+  On an object store one put is atomic; on a local disk the text goes to `<path>.tmp`, is
+  fsynced, and is renamed over `path`.
+  """
+  if is_remote(path):
+    from etils import epath  # pylint: disable=g-import-not-at-top
+    epath.Path(path).write_text(text)
+    return
+  tmp = os.fspath(path) + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, os.fspath(path))
+
+
 def check_new_target(target: str, what: str) -> None:
   """Refuses a `target` that exists and is not an empty folder, naming it and `what` it is for.
 
