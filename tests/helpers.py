@@ -138,16 +138,20 @@ def run_main(command: list[str], module: str = "ddpm_jax.main") -> Completed:
 def subprocess_env(num_devices: int) -> dict:
   """A child JAX process on `num_devices` simulated CPU devices with fast compiles.
 
-  Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out. They
-  do inherit the session's persistent compilation cache (conftest.py sets
-  JAX_COMPILATION_CACHE_DIR in the environment), so a program that a test, another child or a
-  resumed job already compiled with the same flags is loaded rather than compiled again.
+  Children do not inherit the test process's JAX setup (conftest.py), so it is spelt out; the
+  XLA flags other than the device count are the test process's own. They do inherit the
+  session's persistent compilation cache (conftest.py sets JAX_COMPILATION_CACHE_DIR in the
+  environment), so a program that a test, another child or a resumed job already compiled with
+  the same flags is loaded rather than compiled again.
 
   Args:
     num_devices: simulated CPU devices of the child.
   """
   env = dict(os.environ)
-  env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={num_devices}",
+  others = [f for f in env.get("XLA_FLAGS", "").split()
+            if not f.startswith("--xla_force_host_platform_device_count")]
+  env.update(XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={num_devices}",
+                                 *others]),
              JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
   return env
 

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 
 from configs import base
 from ddpm_jax.config import validation
+from ddpm_jax.data import digits as digits_lib
 from ddpm_jax.data import input_pipeline
 
 
@@ -224,6 +225,18 @@ def test_tfds_batches_carry_the_label_feature():
     config.data.label_key = "class"
     with pytest.raises(ValueError, match=r"label_key='class'.*valid choices.*'label'"):
       validation.check_data(config)
+
+
+def test_digits_are_sklearns_load_digits_in_order_and_rescaled():
+  """The loader reads scikit-learn's CSV itself; it must give load_digits' images and targets,
+  in order, with counts 0..16 rescaled to round(c * 255 / 16)."""
+  from sklearn import datasets  # pylint: disable=g-import-not-at-top
+  want = datasets.load_digits()
+  assert digits_lib._digits_csv() is not None  # the fast path is the one tested here
+  images, labels = (np.concatenate(parts) for parts in zip(
+      input_pipeline.load_digits_arrays("train"), input_pipeline.load_digits_arrays("test")))
+  np.testing.assert_array_equal(labels, want.target)
+  np.testing.assert_array_equal(images[..., 0], np.round(want.images * 255 / 16).astype(np.uint8))
 
 
 def test_digits_works_offline():
