@@ -15,11 +15,7 @@ import os
 import shutil
 import tempfile
 
-# XLA:CPU's older elementwise emitters compile this suite's small programs about 15-30% faster
-# than its MLIR fusion emitters (the default); both are XLA's own kernels. Child processes get the
-# same flags (helpers.subprocess_env).
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4 "
-                      "--xla_cpu_use_fusion_emitters=false")
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
   _CACHE_DIR = tempfile.mkdtemp(prefix="ddpm_jax_test_xla_cache_")
