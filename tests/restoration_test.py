@@ -47,8 +47,8 @@ def _tables(schedule):
   return schedules.make_tables(schedules.get_beta_schedule(schedule, 1000))
 
 
-def _op(task):
-  size, c = SHAPES[task]
+def _op(task, size=None):
+  size, c = (size or SHAPES[task][0]), SHAPES[task][1]
   mask = editing.make_mask("random_half", size, size) if task == "inpaint" else None
   return degradations.make(task, size, c, mask), (size, size, c)
 
@@ -75,9 +75,10 @@ def _posterior(a, mu, y, sigma_y):
   return mu + k @ (y - a @ mu), SD**2 * np.eye(a.shape[1]) - SD**2 * k @ a
 
 
-def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch):
-  """The measurement of a fixed x_true and a sampling run of the solver's model, not yet run."""
-  op, shape = _op(task)
+def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch, size=None):
+  """The measurement of a fixed x_true and a sampling run of the solver's model, not yet run
+  (on SHAPES[task]'s images, or size x size ones)."""
+  op, shape = _op(task, size)
   rng = np.random.default_rng(0)
   mu = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
   x_true = (mu + SD * rng.standard_normal(shape)).astype(np.float32)
@@ -93,8 +94,9 @@ def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch):
 
 
 def _run(task, method, sigma_y, sampler="dpm_solver_pp", schedule="cosine", num_steps=50,
-         batch=B):
-  run, op, shape, mu, y1 = _setup(task, method, sigma_y, sampler, schedule, num_steps, batch)
+         batch=B, size=None):
+  run, op, shape, mu, y1 = _setup(task, method, sigma_y, sampler, schedule, num_steps, batch,
+                                  size)
   x = jax.jit(run)(jax.random.key(1))
   a = _dense(op.A, shape)
   mean, cov = _posterior(a, mu.ravel().astype(np.float64), np.asarray(y1, np.float64).ravel(),
