@@ -5,16 +5,10 @@ derives them); this file holds the sampler x schedule x method matrix, the suite
 computation, so that the two test workers can run it beside the rest of restoration_test.py.
 """
 
-import functools
-
-import jax
-import numpy as np
 import pytest
 from restoration_test import B
 from restoration_test import _check
-from restoration_test import _dense
-from restoration_test import _posterior
-from restoration_test import _setup
+from restoration_test import _run_cases
 
 from ddpm_jax import sampling
 from ddpm_jax.sampling import restoration
@@ -31,28 +25,17 @@ def _cases(sampler):
                if not (sampler == "ancestral" and schedule == "edm"))
 
 
-@functools.cache
 def _posteriors(sampler):
-  """{(method, schedule): (samples, mean, cov)} for every case of one sampler.
-
-  The cases run as independent loops under one jit: one compilation per sampler (2.8 s for six
-  cases of DDIM on a 2-core Xeon) rather than one per case (1.6 s each).
-  """
+  """{(method, schedule): (samples, mean, cov)} for every case of one sampler, under one jit."""
   # First-order samplers need more steps for the covariance: DDIM-50 has 7% too little variance
   # on this prior (0.233 vs 0.25), DDIM-200 2%.
   first_order = ("ddim", "euler", "euler_ancestral")
   steps = None if sampler == "ancestral" else 200 if sampler in first_order else 50
   # The ancestral sampler walks all 1,000 steps: a quarter of the batch keeps it fast.
   batch = B // 4 if sampler == "ancestral" else B
-  runs = [_setup("sr2", method, 0.1, sampler, schedule, steps, batch)
-          for method, schedule in _cases(sampler)]
-  xs = jax.jit(lambda k: [run(k) for run, *_ in runs])(jax.random.key(1))
-  out = {}
-  for case, (_, op, shape, mu, y1), x in zip(_cases(sampler), runs, xs, strict=True):
-    mean, cov = _posterior(_dense(op.A, shape), mu.ravel().astype(np.float64),
-                           np.asarray(y1, np.float64).ravel(), 0.1)
-    out[case] = np.asarray(x, np.float64).reshape(len(x), -1), mean, cov
-  return out
+  cases = tuple(("sr2", method, 0.1, schedule) for method, schedule in _cases(sampler))
+  out = _run_cases(cases, sampler, steps, batch)
+  return {case[1::2]: value for case, value in out.items()}
 
 
 @pytest.mark.slow  # 52 posteriors of 16,384 (ancestral: 4,096) samples

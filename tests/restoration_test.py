@@ -47,8 +47,8 @@ def _tables(schedule):
   return schedules.make_tables(schedules.get_beta_schedule(schedule, 1000))
 
 
-def _op(task, size=None):
-  size, c = (size or SHAPES[task][0]), SHAPES[task][1]
+def _op(task):
+  size, c = SHAPES[task]
   mask = editing.make_mask("random_half", size, size) if task == "inpaint" else None
   return degradations.make(task, size, c, mask), (size, size, c)
 
@@ -75,10 +75,9 @@ def _posterior(a, mu, y, sigma_y):
   return mu + k @ (y - a @ mu), SD**2 * np.eye(a.shape[1]) - SD**2 * k @ a
 
 
-def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch, size=None):
-  """The measurement of a fixed x_true and a sampling run of the solver's model, not yet run
-  (on SHAPES[task]'s images, or size x size ones)."""
-  op, shape = _op(task, size)
+def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch):
+  """The measurement of a fixed x_true and a sampling run of the solver's model, not yet run."""
+  op, shape = _op(task)
   rng = np.random.default_rng(0)
   mu = rng.uniform(-0.5, 0.5, shape).astype(np.float32)
   x_true = (mu + SD * rng.standard_normal(shape)).astype(np.float32)
@@ -93,16 +92,22 @@ def _setup(task, method, sigma_y, sampler, schedule, num_steps, batch, size=None
   return (lambda k: fn(model, k, (batch,) + shape)[0]), op, shape, mu, y1
 
 
-def _run(task, method, sigma_y, sampler="dpm_solver_pp", schedule="cosine", num_steps=50,
-         batch=B, size=None):
-  run, op, shape, mu, y1 = _setup(task, method, sigma_y, sampler, schedule, num_steps, batch,
-                                  size)
-  x = jax.jit(run)(jax.random.key(1))
-  a = _dense(op.A, shape)
-  mean, cov = _posterior(a, mu.ravel().astype(np.float64), np.asarray(y1, np.float64).ravel(),
-                         sigma_y)
-  samples = np.asarray(x, np.float64).reshape(batch, -1)
-  return samples, mean, cov, op, y1, x
+@functools.cache
+def _run_cases(cases, sampler="dpm_solver_pp", num_steps=50, batch=B):
+  """{(task, method, sigma_y, schedule): (samples, mean, cov)} of B posterior samples each.
+
+  The cases run as independent loops under one jit: one compilation (2.8 s for six cases of DDIM
+  on a 2-core Xeon) rather than one per case (1.6 s each).
+  """
+  runs = [_setup(task, method, sigma_y, sampler, schedule, num_steps, batch)
+          for task, method, sigma_y, schedule in cases]
+  xs = jax.jit(lambda k: [run(k) for run, *_ in runs])(jax.random.key(1))
+  out = {}
+  for case, (_, op, shape, mu, y1), x in zip(cases, runs, xs, strict=True):
+    mean, cov = _posterior(_dense(op.A, shape), mu.ravel().astype(np.float64),
+                           np.asarray(y1, np.float64).ravel(), case[2])
+    out[case] = np.asarray(x, np.float64).reshape(batch, -1), mean, cov
+  return out
 
 
 def _check(samples, mean, cov):
@@ -127,8 +132,8 @@ def _check(samples, mean, cov):
 @pytest.mark.parametrize("method", restoration.METHODS)
 @pytest.mark.parametrize("task", degradations.TASKS)
 def test_every_task_samples_the_gaussian_posterior(task, method, sigma_y):
-  samples, mean, cov, *_ = _run(task, method, sigma_y)
-  _check(samples, mean, cov)
+  cases = tuple((task, m, s, "cosine") for m in restoration.METHODS for s in (0.0, 0.1))
+  _check(*_run_cases(cases)[task, method, sigma_y, "cosine"])
 
 
 @functools.cache
