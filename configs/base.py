@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   ))
 
   config.model = ml_collections.ConfigDict(dict(
+      name="unet",              # the noise predictor: unet (DDPM's U-Net) | dit (Peebles & Xie
+                                # 2023; docs/dit.md). The U-Net reads ch .. num_groups, the DiT
+                                # patch_size .. norm_eps; both read dtype and num_classes.
       ch=128,
       ch_mult=(1, 2, 2, 2),
       num_res_blocks=2,
@@ -35,6 +38,12 @@ def get_config() -> ml_collections.ConfigDict:
       num_groups=32,            # GroupNorm groups (DDPM's 32); must divide every channel count
                                 # the U-Net normalises: ch x each ch_mult and the skip
                                 # concatenations (validation lists the valid choices)
+      patch_size=2,             # dit: p x p pixels per token
+      hidden_size=384,          # dit: token width d (DiT-S: 384, B: 768, L: 1024, XL: 1152)
+      depth=12,                 # dit: transformer blocks
+      num_heads=6,              # dit: attention heads (d / heads per head)
+      mlp_ratio=4.0,            # dit: MLP hidden width / d
+      norm_eps=1e-6,            # dit: epsilon of the LayerNorm before each MLP (diffusers: 1e-5)
       dtype="float32",          # compute dtype: float32 | bfloat16 (params stay float32)
       num_classes=0,            # 0 = unconditional; K = class-conditional on labels 0..K-1
       sr_factor=0,              # f > 0: a super-resolution stage (SR3 / cascade) that also takes

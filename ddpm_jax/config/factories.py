@@ -62,25 +62,34 @@ def tables_from_config(config: ml_collections.ConfigDict) -> schedules.Diffusion
 
 
 def create_model(config: ml_collections.ConfigDict):
-  """The network of a config: the U-Net, or its encoder as a noise-conditional classifier.
+  """The network of a config: the U-Net or the DiT (model.name), or the U-Net's encoder as a
+  noise-conditional classifier.
 
   Reads config.model.{ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv,
-  num_groups, dtype, num_classes, sr_factor}, config.data.num_channels and
+  num_groups, sr_factor} for the U-Net, model.{patch_size, hidden_size, depth, num_heads,
+  mlp_ratio, norm_eps} for the DiT, model.{dtype, num_classes}, config.data.num_channels and
   config.diffusion.model_var (a learned variance doubles the output channels). With
-  training.objective = 'classifier' it builds the same encoder as a `NoisyClassifier` with
+  training.objective = 'classifier' it builds the U-Net's encoder as a `NoisyClassifier` with
   model.num_classes logits (classifier guidance's p(c | x_t, t)).
   """
   m = config.model
   diffusion.check_choice("model.dtype", m.dtype, models.DTYPES)
+  name = m.get("name", "unet")
+  diffusion.check_choice("model.name", name, models.BACKBONES)
+  channels = config.data.num_channels
+  out_channels = 2 * channels if config.diffusion.model_var in diffusion.LEARNED_VARS else channels
+  if name == "dit" and config.training.objective != "classifier":
+    return models.DiT(patch_size=int(m.patch_size), hidden_size=int(m.hidden_size),
+                      depth=int(m.depth), num_heads=int(m.num_heads), out_channels=out_channels,
+                      mlp_ratio=float(m.mlp_ratio), num_classes=int(m.num_classes),
+                      norm_eps=float(m.norm_eps), dtype=models.DTYPES[m.dtype])
   common = dict(ch=m.ch, ch_mult=tuple(m.ch_mult), num_res_blocks=m.num_res_blocks,
                 attn_resolutions=tuple(m.attn_resolutions), dropout=m.dropout,
                 resamp_with_conv=m.resamp_with_conv, num_groups=int(m.num_groups),
                 dtype=models.DTYPES[m.dtype])
   if config.training.objective == "classifier":
     return models.NoisyClassifier(num_classes=int(m.num_classes), **common)
-  channels = config.data.num_channels
-  learned_var = config.diffusion.model_var in diffusion.LEARNED_VARS
-  return models.UNet(out_channels=2 * channels if learned_var else channels,
+  return models.UNet(out_channels=out_channels,
                      num_classes=int(m.num_classes),
                      cond_channels=channels if m.get("sr_factor", 0) > 0 else 0, **common)
 

@@ -3,8 +3,9 @@
 A folder is read in either of diffusers' layouts:
   flat      config.json, diffusion_pytorch_model.safetensors (or .bin), scheduler_config.json
             (google/ddpm-cifar10-32 and `UNet2DModel.save_pretrained` + the scheduler's);
-  pipeline  model_index.json, unet/{config.json, diffusion_pytorch_model.*},
-            scheduler/scheduler_config.json (`DDPMPipeline.save_pretrained`).
+  pipeline  model_index.json, unet/ (or transformer/ for a DiT) {config.json,
+            diffusion_pytorch_model.*}, scheduler/scheduler_config.json
+            (`DDPMPipeline.save_pretrained`).
 
 Weights are read from safetensors with the `safetensors` package (numpy, no torch). A `.bin`
 (a PyTorch pickle) is read only by `torch.load(weights_only=True)`, which refuses anything but
@@ -79,16 +80,20 @@ def _model_dir(root: str) -> str:
                             "google/ddpm-cifar10-32, nor a TF1 checkpoint prefix).")
   index = os.path.join(root, "model_index.json")
   if os.path.isfile(index):
-    latent = sorted({"vae", "vqvae", "text_encoder"} & set(read_json(index)))
+    components = read_json(index)
+    latent = sorted({"vae", "vqvae", "text_encoder"} & set(components))
     if latent:
-      raise ValueError(f"{index} names {latent}: a latent or text-conditioned pipeline; ddpm_jax "
-                       "imports pixel-space DDPM U-Nets (UNet2DModel).")
-  model_dir = next((d for d in (root, os.path.join(root, "unet"))
+      what = ("a latent-space DiT pipeline (the published DiT-XL-2 models denoise the "
+              "4-channel latents of Stable Diffusion's VAE)" if "transformer" in components
+              else "a latent or text-conditioned pipeline")
+      raise ValueError(f"{index} names {latent}: {what}; ddpm_jax imports pixel-space models "
+                       "(UNet2DModel, DiTTransformer2DModel).")
+  model_dir = next((d for d in (root, os.path.join(root, "unet"), os.path.join(root, "transformer"))
                     if os.path.isfile(os.path.join(d, MODEL_CONFIG))), None)
   if model_dir is None:
     raise FileNotFoundError(
-        f"{root} holds no {MODEL_CONFIG} (nor unet/{MODEL_CONFIG}): a diffusers UNet2DModel "
-        f"folder holds {MODEL_CONFIG} and {SAFETENSORS} (or {BIN}), and usually "
+        f"{root} holds no {MODEL_CONFIG} (nor unet/ or transformer/{MODEL_CONFIG}): a diffusers "
+        f"model folder holds {MODEL_CONFIG} and {SAFETENSORS} (or {BIN}), and usually "
         f"{SCHEDULER_CONFIG}.")
   return model_dir
 

@@ -1,4 +1,5 @@
-"""A ddpm_jax workdir out as a diffusers `UNet2DModel` folder with a matching `DDPMScheduler`.
+"""A ddpm_jax workdir out as a diffusers `UNet2DModel` (or, for a DiT, `DiTTransformer2DModel`)
+folder with a matching `DDPMScheduler`.
 
 `export_checkpoint(workdir, out)` reads the run's config.json and its newest checkpoint's (EMA)
 params and writes `out/{config.json, diffusion_pytorch_model.safetensors,
@@ -16,6 +17,7 @@ import numpy as np
 
 from ddpm_jax.config import factories
 from ddpm_jax.core import diffusion
+from ddpm_jax.interop import diffusers_dit_layout
 from ddpm_jax.interop import diffusers_io
 from ddpm_jax.interop import diffusers_layout
 from ddpm_jax.interop import diffusers_scheduler
@@ -37,9 +39,18 @@ def _fields(config) -> dict:
           "model.num_classes": int(m.num_classes), "out_channels": channels}
 
 
+def _dit_fields(config) -> dict:
+  d, m = config.data, config.model
+  channels = d.num_channels * (2 if config.diffusion.model_var in diffusion.LEARNED_VARS else 1)
+  return {"data.image_size": d.image_size, "data.num_channels": d.num_channels,
+          **{f"model.{k}": m[k] for k in ("patch_size", "hidden_size", "depth", "num_heads",
+                                          "mlp_ratio", "num_classes", "norm_eps")},
+          "out_channels": channels}
+
+
 def diffusers_configs(config) -> tuple[dict, dict]:
-  """(UNet2DModel config, DDPMScheduler config) of a run's config; refuses what diffusers
-  cannot express, listing every such field."""
+  """(UNet2DModel or DiTTransformer2DModel config, DDPMScheduler config) of a run's config;
+  refuses what diffusers cannot express, listing every such field."""
   if config.training.get("objective", "diffusion") != "diffusion":
     raise diffusers_layout.LayoutError(
         f"training.objective={config.training.objective!r}: a noisy classifier, not a "
@@ -53,7 +64,10 @@ def diffusers_configs(config) -> tuple[dict, dict]:
   problems = []
   unet_cfg = sched_cfg = None
   try:
-    unet_cfg = diffusers_layout.unet_config_from_arch(_fields(config))
+    if config.model.get("name", "unet") == "dit":
+      unet_cfg = diffusers_dit_layout.dit_config_from_arch(_dit_fields(config))
+    else:
+      unet_cfg = diffusers_layout.unet_config_from_arch(_fields(config))
   except diffusers_layout.LayoutError as e:
     problems.append(str(e))
   try:
@@ -81,8 +95,13 @@ def export_checkpoint(workdir: str, out: str, *, use_ema: bool = True,
   abstract = train_state_lib.abstract_params(config, model, mesh)
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, step=step)
   host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-  state_dict = diffusers_layout.state_dict_from_params(host, len(config.model.ch_mult))
-  if config.model.num_classes > 0:
+  if config.model.get("name", "unet") == "dit":
+    m = config.model
+    state_dict = diffusers_dit_layout.state_dict_from_params(host, m.depth, m.patch_size,
+                                                             m.hidden_size)
+  else:
+    state_dict = diffusers_layout.state_dict_from_params(host, len(config.model.ch_mult))
+  if config.model.num_classes > 0 and config.model.get("name", "unet") == "unet":
     logging.warning("Class-conditional model: written with num_class_embeds=%d; row %d is the "
                     "null class of classifier-free guidance (pass class_labels to the UNet).",
                     config.model.num_classes + 1, config.model.num_classes)

@@ -1,7 +1,8 @@
 """Published DDPM weights into a normal ddpm_jax workdir.
 
 `import_checkpoint(src, workdir, base)` reads
-  * a diffusers `UNet2DModel` folder (either layout, see `diffusers_io`), or a Hub repository
+  * a diffusers `UNet2DModel` or pixel-space `DiTTransformer2DModel` folder (either layout, see
+    `diffusers_io`; the DiT's mapping is `diffusers_dit_layout`), or a Hub repository
     when `src` names one (downloaded by huggingface_hub; only then is the network used);
   * an original TF1 DDPM checkpoint of Ho et al. (`model.ckpt-<step>` prefix, or a folder
     holding one), its EMA shadows (`ema=True`) or its raw variables;
@@ -35,6 +36,7 @@ import orbax.checkpoint as ocp
 from ddpm_jax.config import factories
 from ddpm_jax.config import validation
 from ddpm_jax.core import diffusion
+from ddpm_jax.interop import diffusers_dit_layout
 from ddpm_jax.interop import diffusers_io
 from ddpm_jax.interop import diffusers_layout
 from ddpm_jax.interop import diffusers_scheduler
@@ -60,12 +62,16 @@ def _is_tf1(src: str) -> bool:
           (os.path.isdir(src) and bool(glob.glob(os.path.join(src, "*.index")))))
 
 
-def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None = None) -> Model:
+def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None = None,
+                num_channels: int = 3) -> Model:
   """Reads the source's architecture, process and weights (no config, nothing written).
 
   Args:
-    src: a diffusers folder, a Hub repository id, or a TF1 checkpoint prefix or folder.
+    src: a diffusers folder (`UNet2DModel` or `DiTTransformer2DModel`), a Hub repository id, or
+      a TF1 checkpoint prefix or folder.
     image_size: the image side for a TF1 checkpoint (which does not record it).
+    num_channels: the config's image channels, which a DiT's input channels must equal (a
+      published DiT on 4-channel VAE latents is refused, saying so).
     ema: TF1 only: the EMA shadows (True) or the raw variables.
     hub_cache: huggingface_hub's cache folder (None: its default).
   """
@@ -101,11 +107,15 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
     logging.info("Downloading the configs of %s from the Hugging Face Hub.", src)
     folder_src = diffusers_io.download(src, "configs", cache_dir=hub_cache)
   model_cfg, scheduler_cfg = diffusers_io.find_configs(folder_src)
-  arch = diffusers_layout.arch_from_unet_config(model_cfg, default_size=image_size)
+  dit = diffusers_dit_layout.is_dit_config(model_cfg)
+  if dit:
+    arch = diffusers_dit_layout.arch_from_dit_config(model_cfg, num_channels)
+  else:
+    arch = diffusers_layout.arch_from_unet_config(model_cfg, default_size=image_size)
   out_channels = arch.pop("out_channels")
   size = arch["data.image_size"]
   notes = []
-  if "sample_size" not in model_cfg or model_cfg["sample_size"] is None:
+  if not dit and model_cfg.get("sample_size") is None:
     notes.append(f"config.json has no sample_size: {size} taken from the config")
   if scheduler_cfg is not None:
     process, scheduler_notes = diffusers_scheduler.process_from_scheduler(scheduler_cfg, size)
@@ -124,6 +134,10 @@ def read_source(src: str, *, image_size: int, ema: bool, hub_cache: str | None =
     logging.info("Downloading the weights of %s.", src)
     folder_src = diffusers_io.download(src, "weights", cache_dir=hub_cache)
   weights = diffusers_io.read_weights(diffusers_io.weights_path(folder_src))  # before any write
+  if dit:
+    return Model("diffusers", {**arch, **process},
+                 lambda shapes: diffusers_dit_layout.params_from_state_dict(weights, shapes),
+                 0, notes, src)
   num_levels = len(arch["model.ch_mult"])
   return Model("diffusers", {**arch, **process},
                lambda shapes: diffusers_layout.params_from_state_dict(weights, shapes, num_levels),
@@ -210,7 +224,8 @@ def import_checkpoint(src: str, workdir: str, base: ml_collections.ConfigDict, *
     base config's values where they differ), notes, and the parameter count.
   """
   check_new_workdir(workdir)
-  model = read_source(src, image_size=int(base.data.image_size), ema=ema, hub_cache=hub_cache)
+  model = read_source(src, image_size=int(base.data.image_size), ema=ema, hub_cache=hub_cache,
+                      num_channels=int(base.data.num_channels))
   config, changed = apply_fields(base, model.fields)
   config.sampling.use_ema = True
   validation.validate(config, mode="sample", open_data=False)

@@ -225,6 +225,24 @@ class ResnetBlock(nn.Module):
     return x + h
 
 
+def attention_implementation(dtype, head_dim: int, backend: str | None = None) -> str:
+  """Which kernel `attention` runs: "cudnn" (cuDNN's fused flash attention) on an NVIDIA GPU for
+  float16/bfloat16 heads of a width cuDNN takes (a multiple of 8, at most 128), else "xla"
+  (XLA's einsum-softmax-einsum; the only one on a TPU and a CPU)."""
+  backend = backend or jax.default_backend()
+  fused = (backend in ("gpu", "cuda") and jnp.dtype(dtype) in (jnp.float16, jnp.bfloat16)
+           and head_dim % 8 == 0 and head_dim <= 128)
+  return "cudnn" if fused else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(D)) v over [B, T, heads, D] arrays, by `jax.nn.dot_product_attention`
+  with the kernel `attention_implementation` picks; the logits and the softmax are float32 in
+  both."""
+  impl = attention_implementation(q.dtype, q.shape[-1])
+  return jax.nn.dot_product_attention(q, k, v, implementation=None if impl == "xla" else impl)
+
+
 class AttnBlock(nn.Module):
   """Single-head spatial self-attention with a residual connection (DDPM).
 
@@ -248,12 +266,9 @@ class AttnBlock(nn.Module):
       # A Dense on NHWC is the same map as DDPM's 1x1 conv (NIN) and has the same params.
       return Dense(c, self.dtype, init, name=name)
 
-    q = dense("q")(h).reshape(b, hgt * wid, c)
-    k = dense("k")(h).reshape(b, hgt * wid, c)
-    v = dense("v")(h).reshape(b, hgt * wid, c)
-    logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
-    weights = jax.nn.softmax(logits * (c ** -0.5), axis=-1).astype(self.dtype)
-    h = jnp.einsum("bij,bjc->bic", weights, v).reshape(b, hgt, wid, c)
+    # One head of width C over the N = H*W positions ([B, N, heads=1, C]).
+    q, k, v = (dense(name)(h).reshape(b, hgt * wid, 1, c) for name in ("q", "k", "v"))
+    h = attention(q, k, v).reshape(b, hgt, wid, c)
     return x + dense("proj_out", near_zero_init)(h)
 
 

@@ -61,7 +61,10 @@ _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "sampling.cond_aug": 0.0, "restore.task": "sr2", "restore.method": "ddnm",
                  "restore.sigma_y": 0.0, "restore.input": "", "restore.input_kind": "truth",
                  "restore.mask": "random_half", "restore.sigma_data": 1.0,
-                 "restore.num_images": 16, "cascade.base_workdir": "", "model.num_groups": 32}
+                 "restore.num_images": 16, "cascade.base_workdir": "", "model.num_groups": 32,
+                 "model.name": "unet", "model.patch_size": 2, "model.hidden_size": 384,
+                 "model.depth": 12, "model.num_heads": 6, "model.mlp_ratio": 4.0,
+                 "model.norm_eps": 1e-6}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 
