@@ -1,12 +1,18 @@
-"""ddpm_jax against PyTorch diffusers' `UNet2DModel` built as the same network, in one process.
+"""ddpm_jax against PyTorch diffusers' `UNet2DModel` or `DiTTransformer2DModel` built as the same
+network.
 
   pip install -e '.[bench]'
   python benchmarks/vs_diffusers.py --config=configs/cifar10.py --batches=8,32
   python benchmarks/vs_diffusers.py --config=configs/digits.py --batches=128
+  python benchmarks/vs_diffusers.py --model=dit --config=configs/digits_dit.py --batches=128
   python benchmarks/vs_diffusers.py --batches=128 --precision=bfloat16 --torch_compile  # GPU
 
 The peer is diffusers' `UNet2DModel` configured as the config's U-Net (the DDPM CIFAR-10 network
-for configs/cifar10.py, 35,746,307 params); the script stops unless both count the same params.
+for configs/cifar10.py, 35,746,307 params), or with `--model=dit` its `DiTTransformer2DModel` as
+the config's DiT (`model.name` is set to "dit"; the config's DiT sizes are used). The script stops
+unless both count the same params (diffusers' DiT keeps a copy of the time and label embedder in
+every block, and a one-row label table when unconditional: those copies are not counted). A DiT is
+timed with a fixed variance and the eps MSE on both sides, as the U-Net is.
 Three workloads, each at every batch size, timed alternately (ddpm_jax, diffusers, ddpm_jax, ...)
 for `--rounds` rounds so that both see the same machine state:
 
@@ -52,6 +58,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import perf
 from ddpm_jax import sampling
 from ddpm_jax.config import validation
+from ddpm_jax.interop import diffusers_dit_layout
+from ddpm_jax.interop import exporter
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import process_env
 from ddpm_jax.runtime import train_state as train_state_lib
@@ -67,6 +75,8 @@ _MARKDOWN = flags.DEFINE_string("markdown", "", "Also write the table to this Ma
 _PRECISION = flags.DEFINE_enum("precision", "float32", ["float32", "bfloat16"],
                                "Compute dtype of both sides (params stay float32).")
 _TORCH_COMPILE = flags.DEFINE_bool("torch_compile", False, "torch.compile the diffusers model.")
+_MODEL = flags.DEFINE_enum("model", "unet", ["unet", "dit"],
+                           "The network: the config's U-Net, or its DiT (model.name=dit).")
 _ISOLATE = flags.DEFINE_bool(
     "isolate", True, "Run each framework in its own worker process (as users run them), driven "
     "alternately from this one; --noisolate runs both in this process.")
@@ -115,7 +125,8 @@ class Theirs:
     torch.manual_seed(0)
     o = config.optim
     self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    self.net = diffusers_unet(config).to(self.device)
+    self.dit = config.model.name == "dit"
+    self.net = (_diffusers_dit(config) if self.dit else diffusers_unet(config)).to(self.device)
     self.model = torch.compile(self.net) if _TORCH_COMPILE.value else self.net
     self.autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
                                    enabled=_PRECISION.value == "bfloat16")
@@ -132,9 +143,22 @@ class Theirs:
         -1, 1, (batch, d.num_channels, d.image_size, d.image_size)).astype(np.float32)).to(
             self.device)
     self.t = torch.full((batch,), 500, dtype=torch.long, device=self.device)
+    self.labels = torch.zeros((batch,), dtype=torch.long, device=self.device)
+
+  def _net(self, x, t):
+    if self.dit:
+      return self.model(x, t.expand(x.shape[0]), class_labels=self.labels).sample
+    return self.model(x, t).sample
 
   def param_count(self) -> int:
-    return sum(p.numel() for p in self.net.parameters())
+    count = sum(p.numel() for p in self.net.parameters())
+    if self.dit:  # the embedder copies of blocks 1.., and an unconditional model's one label row
+      count -= sum(p.numel() for b in self.net.transformer_blocks[1:]
+                   for p in b.norm1.emb.parameters())
+      if not self.net.config.num_embeds_ada_norm:
+        table = self.net.transformer_blocks[0].norm1.emb.class_embedder.embedding_table
+        count -= table.weight.numel()
+    return count
 
   def _sync(self):
     if self.device.type == "cuda":
@@ -148,7 +172,7 @@ class Theirs:
                       device=self.device)
     x_t = self.scheduler.add_noise(x0, noise, t)
     with self.autocast:
-      out = self.model(x_t, t).sample
+      out = self._net(x_t, t)
     loss = torch.nn.functional.mse_loss(out.float(), noise)
     self.opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -161,7 +185,7 @@ class Theirs:
   def forward(self):
     self.model.eval()
     with self.torch.inference_mode(), self.autocast:
-      self.model(self.images, self.t)
+      self._net(self.images, self.t)
     self._sync()
 
   def sampler(self):
@@ -172,9 +196,18 @@ class Theirs:
     with torch.inference_mode():
       for t in self.ddim.timesteps:
         with self.autocast:
-          eps = self.model(x, t).sample
+          eps = self._net(x, t.reshape(1).to(self.device))
         x = self.ddim.step(eps.float(), t, x, eta=0.0).prev_sample
     self._sync()
+
+
+def _diffusers_dit(config):
+  """diffusers' DiTTransformer2DModel as the config's DiT (the exporter's config mapping)."""
+  import diffusers  # pylint: disable=g-import-not-at-top
+  fields = exporter._dit_fields(config)  # pylint: disable=protected-access
+  kwargs = diffusers_dit_layout.dit_config_from_arch(fields)
+  del kwargs["_class_name"]
+  return diffusers.DiTTransformer2DModel(**kwargs)
 
 
 def _time(fn, iters: int) -> float:
@@ -188,6 +221,11 @@ def _config():
   config = _CONFIG.value
   with config.unlocked():
     config.model.dtype = _PRECISION.value
+    if _MODEL.value == "dit":  # the DiT has no dropout; both sides learn eps with a fixed variance
+      config.model.update(name="dit", dropout=0.0)
+      config.diffusion.update(model_var="fixed_large", loss="mse")
+    elif config.model.name != "unet":
+      raise SystemExit(f"{config.model.name!r} config: pass --model={config.model.name}")
   validation.validate(config, mode="sample")
   return config
 

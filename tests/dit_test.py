@@ -313,3 +313,24 @@ def test_a_trained_dit_samples_with_guidance_and_evaluates(tmp_path, parameteriz
   assert samples.shape == (8, 8, 8, 1) and samples.dtype == np.uint8
   report = drivers.evaluate(_tiny_dit_config(**overrides), workdir)
   assert np.isfinite(report["bpd_total"]) and report["bpd_total"] > 0
+
+
+def test_layer_norm_gradient_is_the_autodiff_of_its_formula():
+  """The LayerNorm's hand-written VJP, dx = r (g - mean(g) - y mean(g y)), against JAX's autodiff
+  of the forward formula. Both are float32 sums of d = 64 terms of size <= r |g| |y| with
+  |y| <= sqrt(d) = 8, so they agree within a few d eps32 r max|g| |y|max; 64 x 8 eps32 r max|g|
+  bounds that with room."""
+  x = 3.0 * jax.random.normal(jax.random.key(0), (4, 10, 64)) + 1.0
+  g = jax.random.normal(jax.random.key(1), x.shape)
+
+  def plain(x):
+    centred = x - x.mean(-1, keepdims=True)
+    return centred * jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + 1e-6)
+
+  got = jax.vjp(lambda x: dit_lib._layer_norm(x, 1e-6), x)[1](g)[0]  # pylint: disable=protected-access
+  want = jax.vjp(plain, x)[1](g)[0]
+  np.testing.assert_array_equal(dit_lib._layer_norm(x, 1e-6), plain(x))  # pylint: disable=protected-access
+  r = float(jax.lax.rsqrt(jnp.square(x - x.mean(-1, keepdims=True)).mean(-1)).max())
+  bound = 64 * 8 * EPS32 * r * float(jnp.abs(g).max())
+  np.testing.assert_allclose(got, want, rtol=0, atol=bound)
+  assert float(jnp.abs(want).max()) > 100 * bound  # the bound is far below the gradient itself

@@ -89,11 +89,33 @@ def unpatchify(x: jax.Array, p: int, h: int, w: int) -> jax.Array:
 
 
 def _layer_norm(x: jax.Array, eps: float) -> jax.Array:
-  """LayerNorm over the last axis without affine params, in float32."""
-  x = x.astype(jnp.float32)
-  mean = x.mean(-1, keepdims=True)
-  var = jnp.square(x - mean).mean(-1, keepdims=True)
-  return (x - mean) * jax.lax.rsqrt(var + eps)
+  """LayerNorm over the last axis without affine params, in float32: y = (x - mean) r with
+  r = 1 / sqrt(var + eps)."""
+  return _normalize(x.astype(jnp.float32), eps)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _normalize(x: jax.Array, eps: float) -> jax.Array:
+  return _normalize_fwd(x, eps)[0]
+
+
+def _normalize_fwd(x, eps):
+  centred = x - x.mean(-1, keepdims=True)
+  r = jax.lax.rsqrt(jnp.square(centred).mean(-1, keepdims=True) + eps)
+  y = centred * r
+  return y, (y, r)
+
+
+def _normalize_bwd(eps, res, g):
+  """dx = r (g - mean(g) - y mean(g y)), the closed form of the LayerNorm's VJP. XLA:CPU compiles
+  the autodiff of the forward into a backward pass 5x slower than this (a digits DiT's train step
+  went from 385 ms to 148 ms, docs/dit.md)."""
+  del eps
+  y, r = res
+  return (r * (g - g.mean(-1, keepdims=True) - y * (g * y).mean(-1, keepdims=True)),)
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 def _modulate(h: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
