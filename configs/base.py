@@ -95,6 +95,8 @@ def get_config() -> ml_collections.ConfigDict:
       grid_sampler_steps=100,   # DDIM steps for the periodic sample grids
       final_eval_metrics=(),    # eval.metrics entries to run once training ends
       skip_nonfinite_updates=False,  # drop a non-finite update and go on, instead of stopping
+      shard_state=False,        # FSDP / ZeRO-3: each device keeps 1/N of the params, EMA and Adam
+                                # moments, gathered for each step (docs/pods.md#sharded-state)
       allow_config_change=False,     # resume despite a changed diffusion process
       p_uncond=0.1,             # class-conditional models: label dropped to the null class
                                 # with this probability (classifier-free guidance)

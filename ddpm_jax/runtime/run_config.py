@@ -64,7 +64,7 @@ _ADDED_FIELDS = {"model.num_classes": 0, "training.objective": "diffusion",
                  "restore.num_images": 16, "cascade.base_workdir": "", "model.num_groups": 32,
                  "model.name": "unet", "model.patch_size": 2, "model.hidden_size": 384,
                  "model.depth": 12, "model.num_heads": 6, "model.mlp_ratio": 4.0,
-                 "model.norm_eps": 1e-6}
+                 "model.norm_eps": 1e-6, "training.shard_state": False}
 _RESUME_NAME = re.compile(r"config_resume_(\d+)\.json$")
 
 

@@ -13,6 +13,7 @@ import optax
 
 from ddpm_jax.core import losses
 from ddpm_jax.core import posthoc_ema
+from ddpm_jax.runtime import sharding
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -59,11 +60,20 @@ def learning_rate_schedule(optim: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.linear_schedule(0.0, optim.lr, int(optim.warmup_steps))
 
 
-def make_optimizer(optim: ml_collections.ConfigDict) -> optax.GradientTransformation:
-  """Adam with global-norm clipping; the optax chain owns the learning-rate schedule."""
+def make_optimizer(optim: ml_collections.ConfigDict,
+                   clip: bool = True) -> optax.GradientTransformation:
+  """Adam with global-norm clipping; the optax chain owns the learning-rate schedule.
+
+  `clip=False` leaves the clipping out: a sharded state's step clips by the norm over every
+  device's shards itself (`runtime.sharding.global_norm`), which optax cannot see.
+  """
   parts = []
   if optim.grad_clip > 0:
-    parts.append(optax.clip_by_global_norm(optim.grad_clip))
+    # Without `clip`, a stand-in with clip_by_global_norm's (empty) state keeps the optimiser
+    # state's structure, so that replicated and sharded checkpoints restore into each other.
+    parts.append(optax.clip_by_global_norm(optim.grad_clip) if clip else
+                 optax.GradientTransformation(optax.init_empty_state,
+                                              lambda updates, state, params=None: (updates, state)))
   parts.append(optax.adam(learning_rate_schedule(optim), b1=optim.b1, b2=optim.b2, eps=optim.eps))
   return optax.chain(*parts)
 
@@ -85,9 +95,20 @@ def phema_copies(params, n: int) -> tuple[Any, ...] | None:
   return tuple(jax.tree.map(jnp.copy, params) for _ in range(n)) if n else None
 
 
+def shard_state(config: ml_collections.ConfigDict) -> bool:
+  """Whether the run keeps its state sharded over the mesh (`training.shard_state`)."""
+  return bool(config.training.get("shard_state", False))
+
+
+def state_specs(config: ml_collections.ConfigDict, state, mesh: Mesh):
+  """The PartitionSpec tree of a TrainState (or its shapes) on `mesh` (`runtime.sharding`)."""
+  return sharding.state_specs(state, mesh.size, shard_state(config))
+
+
 def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> TrainState:
-  """Initialises the state inside jit, so every array is created already replicated on `mesh`."""
-  tx = make_optimizer(config.optim)
+  """Initialises the state inside jit, so every array is created already in place on `mesh`:
+  replicated, or with `training.shard_state` each large leaf split over the devices."""
+  tx = make_optimizer(config.optim, clip=not shard_state(config))
   num_timesteps = config.diffusion.num_timesteps
   use_importance = config.diffusion.t_sampling == "importance"
   gammas = phema_gammas(config)
@@ -102,8 +123,9 @@ def create_train_state(config: ml_collections.ConfigDict, model, mesh: Mesh) -> 
         importance=losses.init_importance_state(num_timesteps) if use_importance else None, tx=tx,
         phema=phema_copies(params, len(gammas)), phema_gammas=gammas)
 
-  replicated = NamedSharding(mesh, P())
-  return jax.jit(init, out_shardings=replicated)(jax.random.PRNGKey(config.training.seed))
+  key = jax.random.PRNGKey(config.training.seed)
+  specs = state_specs(config, jax.eval_shape(init, key), mesh)
+  return jax.jit(init, out_shardings=sharding.named(mesh, specs))(key)
 
 
 def abstract_params(config: ml_collections.ConfigDict, model, mesh: Mesh):

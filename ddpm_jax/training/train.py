@@ -26,6 +26,7 @@ from ddpm_jax.runtime import checkpointing
 from ddpm_jax.runtime import logging_lib
 from ddpm_jax.runtime import mesh as mesh_lib
 from ddpm_jax.runtime import run_config
+from ddpm_jax.runtime import sharding
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.training import posthoc_ema_io
 from ddpm_jax.training import train_step as train_step_lib
@@ -100,7 +101,11 @@ def _start_from(config: ml_collections.ConfigDict, model, mesh, state):
   # Adam's moments are zeros whatever the params, so the fresh state's are kept. The EMAs are
   # copies: the train step donates the state, and one buffer cannot be donated twice.
   phema = None if state.phema is None else train_state_lib.phema_copies(params, len(state.phema))
-  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), phema=phema)
+  new = state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), phema=phema)
+  if train_state_lib.shard_state(config):  # the replicated params split as the state's are
+    shardings = sharding.named(mesh, train_state_lib.state_specs(config, state, mesh))
+    new = sharding.reshard(new, shardings)
+  return new
 
 
 def _restored_is_finite(state) -> None:
@@ -189,10 +194,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   start_step = step
   # Post-hoc EMA snapshots (<workdir>/phema, see posthoc_ema_io); 0 when off.
   phema_every = posthoc_ema_io.snapshot_every(config) if state.phema is not None else 0
-  if phema_every and jax.process_index() == 0:
-    _recover_snapshots(config, workdir, state, step, restored_step)
+  # What the samplers, the evaluation and the snapshots read: a sharded state's leaves gathered
+  # (every process takes part), a replicated state's as they are.
+  whole = ((lambda tree: sharding.replicate(tree, mesh)) if train_state_lib.shard_state(config)
+           else (lambda tree: tree))
+  if phema_every:
+    phema = whole(state.phema)
+    if jax.process_index() == 0:
+      _recover_snapshots(config, workdir, state.replace(phema=phema), step, restored_step)
 
-  train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh)
+  train_step = train_step_lib.from_config(config, model, parts.loss_fn, mesh, state)
   # A noise-conditional classifier (training.objective) has no samples to show or score.
   generative = config.training.objective == "diffusion"
   if generative:
@@ -248,11 +259,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         checkpointing.save(manager, state, data_iter)
         writer.flush()  # TensorBoard on a bucket: events up to the checkpoint survive a kill
       if snapshot_now:
+        phema = whole(state.phema)
         if jax.process_index() == 0:  # copied to the host before the next step donates the state
-          posthoc_ema_io.write_snapshot(workdir, step, state.phema, tc.phema_sigma_rels,
+          posthoc_ema_io.write_snapshot(workdir, step, phema, tc.phema_sigma_rels,
                                         state.phema_gammas)
       if generative and (step % tc.sample_every == 0 or (final and not preempted)):
-        _write_grid(config, workdir, writer, grid_sampler, state, step)
+        _write_grid(config, workdir, writer, grid_sampler, whole(state.ema_params), step)
       if preempted:
         logging.warning("SIGTERM received: saved step %d, exiting with status %d (preempted).",
                         step, checkpointing.EXIT_PREEMPTED)
@@ -265,7 +277,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   report = {"step": step, "preempted": preempted, **last}
   if generative and tc.final_eval_metrics and step == tc.num_train_steps and not preempted:
     report["eval"] = quality.quality_report(
-        config, workdir, state.ema_params, mesh, model, tables, step,
+        config, workdir, whole(state.ema_params), mesh, model, tables, step,
         sample_fn=generation.make_sample_fn(config, model, tables, mesh, parts.sample_fn,
                                             classifier=classifier, low_res_bank=bank),
         metrics=tc.final_eval_metrics)
@@ -282,9 +294,9 @@ def _finish_saves(manager):
     manager.wait_until_finished()
 
 
-def _write_grid(config, workdir, writer, sampler, state, step) -> None:
+def _write_grid(config, workdir, writer, sampler, ema_params, step) -> None:
   n = config.training.num_grid_samples
-  samples, _ = sampler(state.ema_params, jax.random.PRNGKey(config.sampling.seed), n)
+  samples, _ = sampler(ema_params, jax.random.PRNGKey(config.sampling.seed), n)
   grid = images.make_grid(images.to_uint8(samples))
   if jax.process_index() == 0:
     scale = max(1, 128 // config.data.image_size)

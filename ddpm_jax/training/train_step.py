@@ -1,6 +1,7 @@
 """The data-parallel train step: pmap-style per-device code run by `jax.shard_map` under `jax.jit`.
 
-Params, EMA, optimiser state and RNG are replicated; the batch is split over the mesh's `data`
+Params, EMA, optimiser state and RNG are replicated (or, with `training.shard_state`, the large
+leaves split over the devices: `runtime.sharding`); the batch is split over the mesh's `data`
 axis, which spans every device of every host. The step runs under shard_map's default
 varying-manual-axes check (`check_vma=True`): the state is *invariant* over `data`, the batch
 *varying*. Differentiating a device's loss with respect to invariant params transposes their
@@ -25,6 +26,7 @@ import optax
 
 from ddpm_jax.core import degradations
 from ddpm_jax.core import losses
+from ddpm_jax.runtime import sharding
 from ddpm_jax.runtime import train_state as train_state_lib
 from ddpm_jax.runtime.mesh import AXIS
 
@@ -40,7 +42,8 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
                     mesh: Mesh, skip_nonfinite: bool = False, num_classes: int = 0,
                     p_uncond: float = 0.0, labels_to_loss: bool = False,
                     sr_factor: int = 0, cond_aug_max: float = 0.0,
-                    draw_level: Callable | None = None) -> Callable:
+                    draw_level: Callable | None = None, state_specs=None,
+                    grad_clip: float = 0.0) -> Callable:
   """Returns `step(state, batch) -> (state, metrics)`, jitted, with the state donated.
 
   `batch` holds 'image' [B, H, W, C] and 'preempt' [num_devices] bool, both sharded over `data`.
@@ -69,6 +72,12 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     draw_level: `draw_level(key) -> (level, weight)`, the continuous noise level of an EDM
       (sigma) or flow-matching (t) example (`losses.noise_level_sampler`); None draws DDPM's
       integer t with `t_sampling`.
+    state_specs: the state's PartitionSpec tree for a sharded state (FSDP, `runtime.sharding`):
+      the forward and backward passes all-gather the sharded params, the gradient arrives as
+      each device's shard (reduce-scattered), and the update runs on the shards. None: the
+      state is replicated.
+    grad_clip: with a sharded state, the global-norm clip that the step applies itself (the
+      optimiser then has none, `train_state.make_optimizer(clip=False)`); 0 = none.
 
   `metrics["finite"]` is 1 when the loss, the gradient norm and the *updated* params and EMA are
   all finite, else 0; all four are invariant over `data` (reduced over every device of every
@@ -104,6 +113,9 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       sr = sr_condition(x0, keys, sr_factor, cond_aug_max)
 
     def objective(params):
+      if sharded:  # the full params, gathered; autodiff reduce-scatters their gradient
+        params = sharding.gather(params, state_specs.params)
+
       def model_fn(x_t, t_):
         # y only for a conditional model: the classifier's apply takes (x_t, t) alone.
         return apply_fn({"params": params}, x_t, t_, *(() if y is None else (y,)), train=True,
@@ -116,6 +128,13 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     # `grads` is invariant: psum over `data` of d(mean_local / N) = the global-mean gradient.
     (_, (loss, per_example, aux)), grads = jax.value_and_grad(objective, has_aux=True)(
         state.params)
+    if state_specs is not None:  # shard_state (on any device count): the step clips itself
+      grad_norm = sharding.global_norm(grads, state_specs.params)
+      if grad_clip > 0:  # as optax.clip_by_global_norm, with the norm over every shard
+        grads = jax.tree.map(
+            lambda g: lax.select(grad_norm < grad_clip, g, (g / grad_norm) * grad_clip), grads)
+    else:
+      grad_norm = optax.tree.norm(grads)
     new_state = state.apply_gradients(grads, ema_decay)
     if state.importance is not None:
       # Every replica sees every (t, loss) pair, so the histories stay identical (invariant).
@@ -124,11 +143,14 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
       new_state = new_state.replace(
           importance=losses.update_importance_state(state.importance, all_t, all_losses))
     metrics = lax.pmean({"loss": loss, **{k: jnp.mean(v) for k, v in aux.items()}}, AXIS)
-    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["grad_norm"] = grad_norm
     metrics["lr"] = learning_rate(state.step)
-    # Every input is invariant (reduced over `data`), so every device computes the same flag.
+    # Every input is invariant (reduced over `data`), so every device computes the same flag;
+    # a sharded state's flag is its shards' flags reduced over `data`.
     finite = all_finite(metrics["loss"], metrics["grad_norm"], new_state.params,
                         new_state.ema_params).astype(jnp.int32)
+    if sharded:
+      finite = lax.pmin(finite, AXIS)
     metrics["finite"] = finite
     if skip_nonfinite:
       # The old state survives a bad step whole (params, EMA, moments, importance history);
@@ -145,6 +167,7 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     return new_state, metrics
 
   num_devices = mesh.shape[AXIS]
+  sharded = state_specs is not None and sharding.any_sharded(state_specs.params)
 
   def _gather_invariant(x, device):
     """[local] per device -> the [N * local] concatenation, invariant over `data`: each device
@@ -152,9 +175,27 @@ def make_train_step(*, apply_fn: Callable, loss_fn: Callable, num_timesteps: int
     blocks = jnp.zeros((num_devices, *x.shape), x.dtype).at[device].set(x)
     return lax.psum(blocks, AXIS).reshape(num_devices * x.shape[0], *x.shape[1:])
 
-  sharded = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
-                          out_specs=(P(), P()))
-  return jax.jit(sharded, donate_argnums=0)
+  if not sharded:
+    step = jax.shard_map(per_device_step, mesh=mesh, in_specs=(P(), P(AXIS)),
+                         out_specs=(P(), P()))
+    return jax.jit(step, donate_argnums=0)
+
+  # The specs go in as a list over the state's leaves: a TrainState of specs would also carry
+  # the optimiser (a static field), and shard_map wants the very same one as the state's.
+  spec_leaves = jax.tree.leaves(state_specs, is_leaf=lambda x: isinstance(x, P))
+
+  def sharded_step(state, batch):
+    leaves, treedef = jax.tree.flatten(state)
+
+    def per_device(leaves, batch):
+      new_state, metrics = per_device_step(treedef.unflatten(leaves), batch)
+      return jax.tree.leaves(new_state), metrics
+
+    out, metrics = jax.shard_map(per_device, mesh=mesh, in_specs=(spec_leaves, P(AXIS)),
+                                 out_specs=(spec_leaves, P()))(leaves, batch)
+    return treedef.unflatten(out), metrics
+
+  return jax.jit(sharded_step, donate_argnums=0)
 
 
 def sr_condition(x0, keys, factor: int, aug_max: float) -> dict:
@@ -168,9 +209,15 @@ def sr_condition(x0, keys, factor: int, aug_max: float) -> dict:
   return {"cond": degradations.upsample_bilinear(low, factor), "cond_level": level}
 
 
-def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
-  """The jitted data-parallel train step of a validated config (see `make_train_step`)."""
+def from_config(config, model, loss_fn: Callable, mesh: Mesh, state=None) -> Callable:
+  """The jitted data-parallel train step of a validated config (see `make_train_step`); with
+  `training.shard_state`, `state` (the train state or its shapes) gives the sharding."""
   classifier = config.training.objective == "classifier"
+  specs = None
+  if train_state_lib.shard_state(config):
+    if state is None:
+      raise ValueError("training.shard_state: pass the train state, whose shapes fix the sharding")
+    specs = train_state_lib.state_specs(config, state, mesh)
   return make_train_step(
       apply_fn=model.apply, loss_fn=loss_fn, num_timesteps=config.diffusion.num_timesteps,
       t_sampling=config.diffusion.t_sampling, ema_decay=config.training.ema_decay,
@@ -181,7 +228,8 @@ def from_config(config, model, loss_fn: Callable, mesh: Mesh) -> Callable:
       p_uncond=config.training.p_uncond, labels_to_loss=classifier,
       sr_factor=0 if classifier else config.model.get("sr_factor", 0),
       cond_aug_max=float(config.training.get("cond_aug_max", 0.0)),
-      draw_level=_level_sampler(config.diffusion))
+      draw_level=_level_sampler(config.diffusion), state_specs=specs,
+      grad_clip=float(config.optim.grad_clip))
 
 
 def _level_sampler(d) -> Callable | None:
