@@ -312,3 +312,31 @@ def test_elastic_resume_on_other_topologies_matches_the_uninterrupted_run(tmp_pa
     assert int(state.step) == 6
     distance = np.linalg.norm(flat(state.params) - want_params)
     assert distance < 1e-3 * moved, (num_devices, distance, moved)
+
+
+@pytest.mark.slow
+def test_a_sharded_state_on_two_processes_matches_one_process(tmp_path):
+  """training.shard_state on 2 processes x 2 devices (each process holds the shards of its two
+  devices, and writes them to the checkpoint) against the same run in this process on 4
+  devices: the same per-device programs, so the same params to float rounding. With Adam's
+  eps = 1 (an update of Lipschitz constant lr, see sharding_test.py) each of the 3 steps moves
+  a param by at most lr 2 n eps32 min(G, clip), n = 512 terms per gradient entry."""
+  from ddpm_jax.training import train  # pylint: disable=g-import-not-at-top
+  steps = {"training.num_train_steps": 3, "training.checkpoint_every": 3,
+           "training.shard_state": True, "optim.eps": 1.0, "optim.warmup_steps": 0,
+           "optim.lr": 1e-3}
+  reference = str(tmp_path / "reference")
+  train.train_and_evaluate(tiny_config(**steps), reference)
+  workdir = tmp_path / "two"
+  commands = [main_command(workdir, f"--coordinator_address=127.0.0.1:{port}",
+                           f"--num_processes={NUM_PROCESSES}", f"--process_id={index}", **steps)
+              for port in [portpicker.pick_unused_port()] for index in range(NUM_PROCESSES)]
+  with spawned(commands, subprocess_env(2), tmp_path / "logs") as procs:
+    _finish(procs, tmp_path / "logs")
+  config = tiny_config(**steps)
+  want, got = restore_state(config, reference), restore_state(config, workdir)
+  assert int(got.step) == 3
+  bound = 3 * 1e-3 * 2 * 512 * float(np.finfo(np.float32).eps) * config.optim.grad_clip
+  for name in ("params", "ema_params"):
+    for a, b in zip(jax.tree.leaves(getattr(got, name)), jax.tree.leaves(getattr(want, name))):
+      np.testing.assert_allclose(a, b, rtol=0, atol=bound, err_msg=name)
