@@ -114,6 +114,12 @@ def check(batch: int, steps: int, smoke: bool) -> str:
         ["benchmarks/sampling_throughput.py", f"--config={cifar}", f"--batch={batch}",
          "--steps=4", "--samplers=ddim", "--config.model.dtype=bfloat16"], 120, sampler_result)
 
+  def kernels(out):
+    found = re.search(r"attention kernels: (.*)", out)
+    return found.group(1) if found else "?"
+
+  stage("attention kernel (bfloat16)", ["benchmarks/attention_kernel.py"], 120, kernels)
+
   if torch_sees_accelerator():
     with tempfile.TemporaryDirectory() as tmp:
       md = os.path.join(tmp, "vs.md")

@@ -56,6 +56,8 @@ def fake_children(torch_device: bool, failing: str = ""):
       return "", None
     if "ddpm_jax.main" in joined:
       return QUICKSTART, None
+    if "attention_kernel" in joined:
+      return "attention kernels: 12 x 64: cudnn; 1 x 256: xla\n", None
     raise AssertionError(joined)
 
   return run, calls
@@ -70,12 +72,14 @@ def test_report_has_every_stage_with_its_figures(monkeypatch):
   stages = [r.split(" | ")[0][2:] for r in report.splitlines()[2:]]
   assert stages == ["train step, batch 128, float32", "train step, batch 128, bfloat16",
                     "forward and one DDIM step, batch 128, bfloat16",
+                    "attention kernel (bfloat16)",
                     "vs diffusers UNet2DModel (bf16 autocast, torch.compile), batch 128",
                     "quickstart (configs/digits.py, train + digits score)"]
   assert "101.5 ms, 1261.1 images/s, MFU 31.2% (compile 41.0 s)" in text
   assert "forward 20.0 ms (6400.0 images/s); DDIM step 21.0 ms = 1.05x a forward pass" in text
   assert "| train | 128 | **1.10x** |" in text  # diffusers' table, appended
   assert "(FD 77.83)" in text
+  assert "| attention kernel (bfloat16) | 12 x 64: cudnn; 1 x 256: xla |" in text
   assert any("--config.model.dtype=bfloat16" in a for argv in calls for a in argv)
   assert any("--torch_compile" in argv for argv in calls)
 

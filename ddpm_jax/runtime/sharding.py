@@ -130,3 +130,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   """A replicated copy of `tree` on `mesh`: what the samplers, the evaluation and the post-hoc EMA
   snapshots read. Every process must call it."""
   return reshard(tree, NamedSharding(mesh, P()))
+
+
+def train_bytes_per_param(num_devices: int, shard: bool, num_phema: int = 0) -> float:
+  """Bytes per parameter that one device holds during a train step, activations aside, as this
+  module lays the state out (float32 everywhere):
+
+    replicated: params 4 + EMA 4 + Adam's two moments 8 + 4 per post-hoc EMA, and the gradient 4;
+    sharded:    that state / N, the gradient's shard 4 / N, and, while the step runs, the whole
+                params gathered (4) and the whole gradient before its reduce-scatter (4).
+
+  The step gathers the whole tree at once, so the transient 8 bytes do not shrink with N; a
+  gather per layer would bring them down to one layer's.
+  """
+  state = 16 + 4 * num_phema
+  if not shard:
+    return state + 4
+  return (state + 4) / num_devices + 8
