@@ -41,8 +41,9 @@ _LONGEST_FIRST = ("multihost_test.py", "restoration_test.py", "gcs_test.py", "fi
                   "sweep_test.py", "posthoc_ema_train_test.py", "train_step_test.py",
                   "train_test.py", "restore_cascade_test.py", "main_test.py",
                   "checkpointing_test.py", "interop_test.py", "recovery_test.py",
-                  "parameterization_test.py", "drivers_test.py", "editing_test.py",
-                  "guidance_test.py", "sampling_exact_score_test.py")
+                  "sharding_test.py", "parameterization_test.py", "dit_test.py",
+                  "drivers_test.py", "editing_test.py", "guidance_test.py",
+                  "sampling_exact_score_test.py")
 
 
 def pytest_collection_modifyitems(items):

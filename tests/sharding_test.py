@@ -35,8 +35,13 @@ def _config(name: str, shard: bool, clip: float):
                         "training.shard_state": shard, "optim.grad_clip": clip})
 
 
+# The global-norm clip, small enough to act on every step here (the gradient norm is > 0.1), so
+# that the sharded norm, its psum over the shards and the clip factor are all exercised.
+CLIP = 1e-3
+
+
 @functools.cache
-def _setup(name: str, num_devices: int, shard: bool, clip: float = 1.0):
+def _setup(name: str, num_devices: int, shard: bool, clip: float = CLIP):
   """(config, mesh, model, jitted step) for a model on the first `num_devices` devices."""
   config = _config(name, shard, clip)
   mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
@@ -52,7 +57,7 @@ def _batch(mesh, batch: dict) -> dict:
 
 
 @functools.cache
-def _one_step(name: str, num_devices: int, shard: bool, clip: float = 1.0):
+def _one_step(name: str, num_devices: int, shard: bool, clip: float = CLIP):
   """One step from the initial state: (metrics, params, EMA) on the host."""
   config, mesh, model, step = _setup(name, num_devices, shard, clip)
   state = train_state_lib.create_train_state(config, model, mesh)
@@ -70,12 +75,11 @@ def test_leaf_spec_splits_the_largest_divisible_dimension_of_large_leaves():
   assert sharding.leaf_spec((4096,), 1) == P()
 
 
-@pytest.mark.parametrize("name,num_devices,clip", [
-    ("unet", 1, 1.0), ("unet", 2, 1.0), ("unet", 4, 1.0), ("unet", 4, 1e-3), ("dit", 4, 1.0)])
-def test_the_sharded_step_equals_the_replicated_step(name, num_devices, clip):
+@pytest.mark.parametrize("name,num_devices", [("dit", 1), ("dit", 2), ("dit", 4), ("unet", 4)])
+def test_the_sharded_step_equals_the_replicated_step(name, num_devices):
   """One step of a sharded state on N devices against the replicated state on one device, from
-  the same initial params and batch (clip 1e-3 makes the global-norm clip act, at 1.0 it does
-  not). The forward pass sees the same params (gathered bitwise); the gradient is the same sum
+  the same initial params and batch, with the global-norm clip acting. The forward pass sees the
+  same params (gathered bitwise); the gradient is the same sum
   of per-device terms in another order: each entry, a sum over the batch's 8 x 64 pixels and
   examples, moves by at most about n = 512 eps32 of the largest gradient entry, itself at most
   the gradient norm G. Clipping scales the gradient by c / G when G > c, and G's own rounding
@@ -83,10 +87,11 @@ def test_the_sharded_step_equals_the_replicated_step(name, num_devices, clip):
   min(G, c). An update of Lipschitz constant lr (Adam with eps = 1) moves the params by at most
   lr times that, and the EMA by (1 - decay) of it. The loss and the norm are sums of the same
   terms in another order: n eps32 relative."""
-  metrics_1, params_1, ema_1 = _one_step(name, 1, False, clip)
-  metrics, params, ema = _one_step(name, num_devices, True, clip)
+  clip = CLIP
+  metrics_1, params_1, ema_1 = _one_step(name, 1, False)
+  metrics, params, ema = _one_step(name, num_devices, True)
   grad_norm = float(metrics_1["grad_norm"])
-  assert grad_norm > (0 if clip >= 1 else 100 * clip)  # at 1e-3 the clip acts
+  assert grad_norm > 100 * clip  # the clip acts
   n = 512
   np.testing.assert_allclose(metrics["loss"], metrics_1["loss"], rtol=n * EPS32)
   np.testing.assert_allclose(metrics["grad_norm"], grad_norm, rtol=n * EPS32)
@@ -155,7 +160,7 @@ def test_a_sharded_checkpoint_at_4_devices_resumes_at_2_and_1(tmp_path):
     state, metrics = step(state, _batch(mesh, batch))
     grad_norms.append(float(metrics["grad_norm"]))
   final = jax.device_get(state.params)
-  bound = 2 * LR * 2 * 512 * EPS32 * min(max(grad_norms), 1.0)
+  bound = 2 * LR * 2 * 512 * EPS32 * min(max(grad_norms), CLIP)
   for num_devices in (2, 1):
     config_n, mesh_n, model_n, step_n = _setup("unet", num_devices, True)
     target = train_state_lib.create_train_state(config_n, model_n, mesh_n)
@@ -177,25 +182,3 @@ def test_a_sharded_checkpoint_at_4_devices_resumes_at_2_and_1(tmp_path):
       np.testing.assert_allclose(got, want, rtol=0, atol=bound)
   manager.close()
 
-
-@pytest.mark.slow
-def test_a_sharded_run_trains_snapshots_samples_and_resumes_replicated(tmp_path):
-  """The train loop on a sharded state: sample grids, post-hoc EMA snapshots and checkpoints
-  read the gathered arrays; the checkpoint then samples (params restored replicated) and a
-  replicated run resumes it, reaching the step it was asked for."""
-  from ddpm_jax.evaluation import drivers  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import posthoc_ema_io  # pylint: disable=g-import-not-at-top
-  from ddpm_jax.training import train  # pylint: disable=g-import-not-at-top
-  overrides = {**BASE, "training.shard_state": True, "training.num_train_steps": 2,
-               "training.checkpoint_every": 2, "training.sample_every": 2,
-               "training.phema_sigma_rels": (0.1,), "sampling.num_samples": 8,
-               "sampling.sampler": "ddim", "sampling.num_steps": 4}
-  workdir = str(tmp_path / "run")
-  report = train.train_and_evaluate(tiny_config(**overrides), workdir)
-  assert report["step"] == 2
-  assert (tmp_path / "run" / "samples" / "grid_00000002.png").exists()
-  assert posthoc_ema_io.snapshot_path(workdir, 2).exists()
-  with np.load(drivers.sample(tiny_config(**overrides), workdir)) as data:
-    assert data["samples"].shape == (8, 8, 8, 1)
-  resumed = {**overrides, "training.shard_state": False, "training.num_train_steps": 3}
-  assert train.train_and_evaluate(tiny_config(**resumed), workdir)["step"] == 3
