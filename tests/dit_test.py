@@ -37,9 +37,9 @@ EPS32 = float(np.finfo(np.float32).eps)
 
 
 def _tiny_dit_config(**overrides):
-  """The tests' tiny config with a two-block DiT of width 32 (16 tokens of 2x2 pixels)."""
+  """The tests' tiny config with a one-block DiT of width 32 (16 tokens of 2x2 pixels)."""
   return tiny_config(**{"model.name": "dit", "model.patch_size": 2, "model.hidden_size": 32,
-                        "model.depth": 2, "model.num_heads": 2, **overrides})
+                        "model.depth": 1, "model.num_heads": 2, **overrides})
 
 
 def _formula_count(depth, d, p, c_in, c_out, num_classes, mlp_ratio=4):

@@ -142,8 +142,9 @@ def test_learning_rate_warmup(warmup):
     ("ddpm", "uniform"), ("edm", "uniform"), ("flow", "uniform"), ("flow", "logit_normal")])
 def test_gradient_norm_and_update_do_not_depend_on_the_device_count(parameterization, flow_t):
   """Under shard_map's default vma checking the gradient of the global mean loss is the same on
-  1, 2 and 4 devices (a pmean on top of the implicit psum would scale it by the device count);
-  EDM's sigma and flow matching's t are drawn per example like DDPM's t, so the same holds."""
+  1 and 4 devices (a pmean on top of the implicit psum would scale it by the device count);
+  EDM's sigma and flow matching's t are drawn per example like DDPM's t, so the same holds. (Two
+  devices: sharding_test.py's replicated-vs-sharded steps, and train_test.py.)"""
   config = tiny_config(**{"optim.warmup_steps": 0, "optim.lr": 1e-3,
                           "diffusion.parameterization": parameterization,
                           "diffusion.flow_t": flow_t})
@@ -151,7 +152,7 @@ def test_gradient_norm_and_update_do_not_depend_on_the_device_count(parameteriza
   model = factories.create_model(config)
   tables = factories.tables_from_config(config)
   results = {}
-  for num_devices in (1, 2, 4):
+  for num_devices in (1, 4):
     mesh = mesh_lib.make_mesh(jax.devices()[:num_devices])
     state = train_state_lib.create_train_state(config, model, mesh)
     step = train_step_lib.from_config(config, model,
@@ -163,7 +164,7 @@ def test_gradient_norm_and_update_do_not_depend_on_the_device_count(parameteriza
                             jax.device_get(state.params))
   norm_1, loss_1, params_1 = results[1]
   assert norm_1 > 0
-  for num_devices in (2, 4):
+  for num_devices in (4,):
     norm, loss, params = results[num_devices]
     np.testing.assert_allclose(norm, norm_1, rtol=1e-5, err_msg=f"{num_devices} devices")
     np.testing.assert_allclose(loss, loss_1, rtol=1e-5)
