@@ -204,8 +204,7 @@ class Theirs:
 def _diffusers_dit(config):
   """diffusers' DiTTransformer2DModel as the config's DiT (the exporter's config mapping)."""
   import diffusers  # pylint: disable=g-import-not-at-top
-  fields = exporter._dit_fields(config)  # pylint: disable=protected-access
-  kwargs = diffusers_dit_layout.dit_config_from_arch(fields)
+  kwargs = diffusers_dit_layout.dit_config_from_arch(exporter.fields(config))
   del kwargs["_class_name"]
   return diffusers.DiTTransformer2DModel(**kwargs)
 

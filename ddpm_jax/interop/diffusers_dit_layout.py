@@ -134,26 +134,6 @@ def dit_config_from_arch(fields: Mapping[str, Any]) -> dict:
   }
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
-    else:
-      out[prefix + (k,)] = v
-  return out
-
-
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
-  out: dict = {}
-  for path, v in flat.items():
-    node = out
-    for k in path[:-1]:
-      node = node.setdefault(k, {})
-    node[path[-1]] = v
-  return out
-
-
 def _module(path: tuple[str, ...]) -> tuple[str, int | None]:
   """(diffusers module name with `{i}` for a block's, block index or None) of our module path."""
   m = _BLOCK.match(path[0])
@@ -186,7 +166,7 @@ def state_dict_from_params(params: Mapping, depth: int, patch_size: int,
   """diffusers' state dict of our DiT params (numpy), the conditioning copied into each block
   and, for an unconditional model, a zero one-row label table."""
   out = {}
-  flat = _flatten(params)
+  flat = diffusers_layout.flatten_tree(params)
   if ("class_emb", "embedding") not in flat:
     flat[("class_emb", "embedding")] = np.zeros((1, hidden_size), np.float32)
   for path, value in flat.items():
@@ -207,7 +187,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping
     diffusers_layout.LayoutError: naming missing, unexpected or misshapen weights, and blocks
       whose embedder copies differ.
   """
-  flat = _flatten(shapes)
+  flat = diffusers_layout.flatten_tree(shapes)
   depth = 1 + max(int(_BLOCK.match(p[0]).group(1)) for p in flat if _BLOCK.match(p[0]))
   conditional = ("class_emb", "embedding") in flat
   used, problems, out = set(), [], {}
@@ -259,4 +239,4 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping
   if problems:
     raise diffusers_layout.LayoutError(diffusers_layout.problems_text(
         f"The {CLASS_NAME} weights do not fit the network", problems))
-  return _unflatten(out)
+  return diffusers_layout.unflatten_tree(out)

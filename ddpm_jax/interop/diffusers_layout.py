@@ -312,17 +312,19 @@ def diffusers_key(path: tuple[str, ...], num_levels: int) -> str:
   return ".".join(parts)
 
 
-def _flatten(tree: Mapping, prefix: tuple = ()) -> dict:
+def flatten_tree(tree: Mapping, prefix: tuple = ()) -> dict:
+  """{(key, ..., leaf name): leaf} of a nested param dict."""
   out = {}
   for k, v in tree.items():
     if isinstance(v, Mapping):
-      out.update(_flatten(v, prefix + (k,)))
+      out.update(flatten_tree(v, prefix + (k,)))
     else:
       out[prefix + (k,)] = v
   return out
 
 
-def _unflatten(flat: Mapping[tuple, Any]) -> dict:
+def unflatten_tree(flat: Mapping[tuple, Any]) -> dict:
+  """The nested dict of `flatten_tree`'s output."""
   out = {}
   for path, v in flat.items():
     node = out
@@ -334,7 +336,7 @@ def _unflatten(flat: Mapping[tuple, Any]) -> dict:
 
 def key_map(shapes: Mapping, num_levels: int) -> dict[tuple[str, ...], str]:
   """{our leaf path: diffusers key} for a param tree (arrays or ShapeDtypeStructs)."""
-  return {path: diffusers_key(path, num_levels) for path in _flatten(shapes)}
+  return {path: diffusers_key(path, num_levels) for path in flatten_tree(shapes)}
 
 
 def _to_ours(value: np.ndarray, leaf: str) -> np.ndarray:
@@ -384,7 +386,7 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping
       problems.append(f"missing {key} (for {'/'.join(path)})")
       continue
     flat[path] = remaining.pop(found)
-  leaf_shapes = {p: tuple(v.shape) for p, v in _flatten(shapes).items()}
+  leaf_shapes = {p: tuple(v.shape) for p, v in flatten_tree(shapes).items()}
   out = {}
   for path, value in flat.items():
     value = np.asarray(value)
@@ -402,10 +404,10 @@ def params_from_state_dict(state_dict: Mapping[str, np.ndarray], shapes: Mapping
     raise LayoutError(problems_text(
         f"The weights do not fit the network their config describes ({len(problems)} problems)",
         problems))
-  return _unflatten(out)
+  return unflatten_tree(out)
 
 
 def state_dict_from_params(params: Mapping, num_levels: int) -> dict[str, np.ndarray]:
   """A diffusers UNet2DModel state dict (PyTorch layout, new names) of our param tree."""
   return {diffusers_key(path, num_levels): np.ascontiguousarray(_to_torch(np.asarray(v), path[-1]))
-          for path, v in _flatten(params).items()}
+          for path, v in flatten_tree(params).items()}

@@ -28,24 +28,25 @@ from ddpm_jax.runtime import staging
 from ddpm_jax.runtime import train_state as train_state_lib
 
 
-def _fields(config) -> dict:
-  d, m = config.data, config.model
-  channels = d.num_channels * (2 if config.diffusion.model_var in diffusion.LEARNED_VARS else 1)
-  return {"data.image_size": d.image_size, "data.num_channels": d.num_channels, "model.ch": m.ch,
-          "model.ch_mult": tuple(m.ch_mult), "model.num_res_blocks": m.num_res_blocks,
-          "model.attn_resolutions": tuple(m.attn_resolutions),
-          "model.resamp_with_conv": m.resamp_with_conv, "model.num_groups": m.num_groups,
-          "model.dropout": m.dropout,
-          "model.num_classes": int(m.num_classes), "out_channels": channels}
+def _is_dit(config) -> bool:
+  return config.model.get("name", "unet") == "dit"
 
 
-def _dit_fields(config) -> dict:
+def fields(config) -> dict:
+  """The architecture fields of a run's config that the diffusers layout maps, and its
+  "out_channels" (twice the image channels for a learned variance)."""
   d, m = config.data, config.model
   channels = d.num_channels * (2 if config.diffusion.model_var in diffusion.LEARNED_VARS else 1)
-  return {"data.image_size": d.image_size, "data.num_channels": d.num_channels,
-          **{f"model.{k}": m[k] for k in ("patch_size", "hidden_size", "depth", "num_heads",
-                                          "mlp_ratio", "num_classes", "norm_eps")},
-          "out_channels": channels}
+  names = (("patch_size", "hidden_size", "depth", "num_heads", "mlp_ratio", "norm_eps")
+           if _is_dit(config) else
+           ("ch", "num_res_blocks", "resamp_with_conv", "num_groups", "dropout"))
+  out = {"data.image_size": d.image_size, "data.num_channels": d.num_channels,
+         "model.num_classes": int(m.num_classes), "out_channels": channels,
+         **{f"model.{k}": m[k] for k in names}}
+  if not _is_dit(config):
+    out.update({"model.ch_mult": tuple(m.ch_mult),
+                "model.attn_resolutions": tuple(m.attn_resolutions)})
+  return out
 
 
 def diffusers_configs(config) -> tuple[dict, dict]:
@@ -64,10 +65,9 @@ def diffusers_configs(config) -> tuple[dict, dict]:
   problems = []
   unet_cfg = sched_cfg = None
   try:
-    if config.model.get("name", "unet") == "dit":
-      unet_cfg = diffusers_dit_layout.dit_config_from_arch(_dit_fields(config))
-    else:
-      unet_cfg = diffusers_layout.unet_config_from_arch(_fields(config))
+    to_config = (diffusers_dit_layout.dit_config_from_arch if _is_dit(config)
+                 else diffusers_layout.unet_config_from_arch)
+    unet_cfg = to_config(fields(config))
   except diffusers_layout.LayoutError as e:
     problems.append(str(e))
   try:
@@ -95,13 +95,13 @@ def export_checkpoint(workdir: str, out: str, *, use_ema: bool = True,
   abstract = train_state_lib.abstract_params(config, model, mesh)
   params, step = checkpointing.restore_params(workdir, abstract, use_ema=use_ema, step=step)
   host = jax.tree.map(lambda a: np.asarray(jax.device_get(a)), params)
-  if config.model.get("name", "unet") == "dit":
+  if _is_dit(config):
     m = config.model
     state_dict = diffusers_dit_layout.state_dict_from_params(host, m.depth, m.patch_size,
                                                              m.hidden_size)
   else:
     state_dict = diffusers_layout.state_dict_from_params(host, len(config.model.ch_mult))
-  if config.model.num_classes > 0 and config.model.get("name", "unet") == "unet":
+  if config.model.num_classes > 0 and not _is_dit(config):
     logging.warning("Class-conditional model: written with num_class_embeds=%d; row %d is the "
                     "null class of classifier-free guidance (pass class_labels to the UNet).",
                     config.model.num_classes + 1, config.model.num_classes)
